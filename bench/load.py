@@ -1,0 +1,187 @@
+"""Load tests: start the server, run Locust headless against each model, summarise.
+
+Each model is served by a server process of its own, so that the resident memory
+measured belongs to that model alone. Traffic goes to 127.0.0.1 only, for a bounded
+duration.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from mlet.files import read_json, write_json
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+HOST = "127.0.0.1"
+
+
+@dataclass
+class LoadConfig:
+    users: int = 16
+    spawn_rate: float | None = None  # users started per second; default: all at once
+    duration: float = 10.0
+    rows: int = 1
+    binary: bool = False
+    zipf_exponent: float = 1.05
+    server_workers: int = 2
+    ready_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.users < 1 or self.duration <= 0 or self.rows < 1:
+            raise ValueError("users, duration and rows must be positive")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server at {url} was not ready within {timeout:.0f}s")
+
+
+@contextmanager
+def running_server(repo: Path, models: list[str], *options: str, timeout: float = 60.0):
+    """A server subprocess on a free loopback port; yields (url, psutil.Process).
+
+    `options` are extra `mlet serve` arguments.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "cli", "serve", "--repo", str(repo), "--port", str(port)]
+    command += ["--models", ",".join(models), *options]
+    url = f"http://{HOST}:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            try:
+                wait_until_ready(url, process, timeout)
+            except (RuntimeError, TimeoutError) as e:
+                log.seek(0)
+                output = log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"{e}; server output:\n{output}") from e
+            yield url, psutil.Process(process.pid)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def run_locust(url: str, model: str, manifest: Path, config: LoadConfig, prefix: Path) -> None:
+    env = {
+        **os.environ,
+        "MLET_MODEL": model,
+        "MLET_MANIFEST": str(manifest),
+        "MLET_ROWS": str(config.rows),
+        "MLET_BINARY": "1" if config.binary else "0",
+        "MLET_ZIPF": str(config.zipf_exponent),
+    }
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "--host", url, "-u", str(config.users), "-r", str(config.spawn_rate or config.users),
+        "-t", f"{config.duration:g}s", "--csv", str(prefix), "--only-summary",
+        "--loglevel", "WARNING", "--stop-timeout", "5",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if not Path(f"{prefix}_stats.csv").is_file():
+        raise RuntimeError(
+            f"locust wrote no statistics (exit {result.returncode}):\n{result.stderr[-2000:]}"
+        )
+
+
+def read_locust_stats(prefix: Path) -> dict:
+    """The aggregated row of Locust's stats CSV: counts, throughput, latency percentiles (ms)."""
+    with open(f"{prefix}_stats.csv") as f:
+        rows = list(csv.DictReader(f))
+    total = next(r for r in rows if r["Name"] == "Aggregated")
+    return {
+        "requests": int(total["Request Count"]),
+        "failures": int(total["Failure Count"]),
+        "requests_per_s": float(total["Requests/s"]),
+        "p50_ms": float(total["50%"]),
+        "p95_ms": float(total["95%"]),
+        "p99_ms": float(total["99%"]),
+        "mean_ms": float(total["Average Response Time"]),
+        "max_ms": float(total["Max Response Time"]),
+    }
+
+
+def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
+    manifest_path = repo / model / "manifest.json"
+    manifest = read_json(manifest_path)
+    options = ("--workers", str(config.server_workers))
+    with running_server(repo, [model], *options, timeout=config.ready_timeout) as (url, server):
+        rss_loaded = server.memory_info().rss
+        prefix = out / f"locust-{model}"
+        run_locust(url, model, manifest_path, config, prefix)
+        rss_after = server.memory_info().rss
+    stats = read_locust_stats(prefix)
+    return {
+        "model": model,
+        **stats,
+        "rows_per_request": config.rows,
+        "rows_per_s": stats["requests_per_s"] * config.rows,
+        "model_bytes": manifest["model_bytes"],
+        "embedding_bytes": manifest["model"]["embedding_bytes_inference"],
+        "server_rss_loaded_bytes": rss_loaded,
+        "server_rss_bytes": rss_after,
+    }
+
+
+def run_load(
+    repo: str | Path, models: list[str], config: LoadConfig, out: str | Path
+) -> list[dict]:
+    """Load-test each model in turn and write summary.json and summary.md into `out`."""
+    repo, out = Path(repo), Path(out)
+    missing = [m for m in models if not (repo / m / "manifest.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"model(s) {missing} not found in repository {repo}")
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [load_test_model(repo, m, config, out) for m in models]
+    write_json(out / "summary.json", {"config": asdict(config), "models": summaries})
+    (out / "summary.md").write_text(summary_markdown(summaries, config))
+    return summaries
+
+
+def summary_markdown(summaries: list[dict], config: LoadConfig) -> str:
+    lines = [
+        f"Load: {config.users} users, {config.rows} row(s) per request, "
+        f"{'binary' if config.binary else 'JSON'} tensors, {config.duration:g} s per model.",
+        "",
+        "| model | requests/s | p50 ms | p95 ms | p99 ms | failures | model bytes "
+        "| server RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s['model']} | {s['requests_per_s']:.1f} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} "
+            f"| {s['p99_ms']:.1f} | {s['failures']} | {s['model_bytes']:,} "
+            f"| {s['server_rss_bytes'] / 2**20:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

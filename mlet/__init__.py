@@ -1,0 +1,1 @@
+"""Shared model code: embeddings, DLRM, datasets, metrics and the run format."""

@@ -1,0 +1,161 @@
+"""DLRM: bottom MLP over dense features, pairwise dot interaction, top MLP, one logit.
+
+Shape legend: B batch, F dense features, T tables, H hotness, D embedding width,
+P = (T + 1) * T / 2 pairwise interactions between the T table vectors and the bottom output.
+
+The dense transform (Criteo: log(1 + max(x, 0))) lives inside the model so that an
+exported graph takes the raw values a client logged, not what the trainer saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from mlet.embeddings import EMBEDDING_KINDS, EmbeddingCollection, TableConfig
+
+DENSE_TRANSFORMS = ("log1p", "identity")
+
+
+@dataclass(frozen=True)
+class DLRMConfig:
+    """Everything needed to rebuild the model without training code."""
+
+    num_dense: int
+    tables: tuple[TableConfig, ...]
+    bottom_mlp: tuple[int, ...] = (64,)
+    top_mlp: tuple[int, ...] = (64, 32)
+    dense_transform: str = "log1p"
+    hotness: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.tables:
+            raise ValueError("a DLRM needs at least one table")
+        dims = {t.dim for t in self.tables}
+        if len(dims) != 1:
+            raise ValueError(f"dot interaction needs one width for every table, got {dims}")
+        if self.dense_transform not in DENSE_TRANSFORMS:
+            raise ValueError(
+                f"dense_transform must be one of {DENSE_TRANSFORMS}, got {self.dense_transform!r}"
+            )
+        if self.hotness < 1:
+            raise ValueError(f"hotness must be positive, got {self.hotness}")
+
+    @property
+    def dim(self) -> int:
+        return self.tables[0].dim
+
+    @property
+    def embedding_kind(self) -> str:
+        kinds = {t.kind for t in self.tables}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    @property
+    def num_interactions(self) -> int:
+        vectors = len(self.tables) + 1
+        return vectors * (vectors - 1) // 2
+
+    def collapsed(self) -> DLRMConfig:
+        """The same model with every table a full table of its output width."""
+        tables = tuple(replace(t, hidden=None) for t in self.tables)
+        return replace(self, tables=tables)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DLRMConfig:
+        data = dict(data)
+        data["tables"] = tuple(TableConfig(**t) for t in data["tables"])
+        data["bottom_mlp"] = tuple(data["bottom_mlp"])
+        data["top_mlp"] = tuple(data["top_mlp"])
+        return cls(**data)
+
+
+def build_config(
+    num_dense: int,
+    table_sizes: list[int],
+    embedding: str,
+    dim: int,
+    hidden: int | None = None,
+    table_names: list[str] | None = None,
+    **model_options,
+) -> DLRMConfig:
+    """A config with one table per size, all full or all multi-layer."""
+    if embedding not in EMBEDDING_KINDS:
+        raise ValueError(f"embedding must be one of {EMBEDDING_KINDS}, got {embedding!r}")
+    if embedding == "mlet" and hidden is None:
+        raise ValueError("a multi-layer embedding needs --hidden K (the inner width)")
+    if embedding == "full" and hidden is not None:
+        raise ValueError("--hidden applies to multi-layer embeddings only (--embedding mlet)")
+    names = table_names or [f"C{i + 1}" for i in range(len(table_sizes))]
+    tables = tuple(
+        TableConfig(name=name, rows=rows, dim=dim, hidden=hidden)
+        for name, rows in zip(names, table_sizes, strict=True)
+    )
+    return DLRMConfig(num_dense=num_dense, tables=tables, **model_options)
+
+
+def mlp(widths: list[int], final_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(widths) - 2 or final_activation:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class DLRM(nn.Module):
+    def __init__(self, config: DLRMConfig, sparse: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.bottom = mlp([config.num_dense, *config.bottom_mlp, config.dim], final_activation=True)
+        self.embeddings = EmbeddingCollection(list(config.tables), sparse=sparse)
+        self.top = mlp(
+            [config.dim + config.num_interactions, *config.top_mlp, 1], final_activation=False
+        )
+        # Strictly lower triangle of the (T+1) x (T+1) dot matrix, flattened, so that the
+        # exported graph selects it with one plain Gather.
+        rows, cols = torch.tril_indices(len(config.tables) + 1, len(config.tables) + 1, -1)
+        self.register_buffer(
+            "interaction_index", rows * (len(config.tables) + 1) + cols, persistent=False
+        )
+
+    def transform_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        if self.config.dense_transform == "log1p":
+            return torch.log(torch.clamp(dense, min=0.0) + 1.0)
+        return dense
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """dense [B, F] float32, sparse [B, T] or [B, T, H] int64 -> logit [B, 1]."""
+        bottom = self.bottom(self.transform_dense(dense))  # [B, D]
+        vectors = torch.stack([bottom, *self.embeddings(sparse)], dim=1)  # [B, T+1, D]
+        dots = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, T+1, T+1]
+        pairs = dots.flatten(1).index_select(1, self.interaction_index)  # [B, P]
+        return self.top(torch.cat([bottom, pairs], dim=1))
+
+    def probability(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.forward(dense, sparse))
+
+    def collapsed(self) -> DLRM:
+        """An inference copy with every multi-layer table collapsed into one table."""
+        model = DLRM(self.config.collapsed(), sparse=False)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("embeddings.")}
+        model.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            for target, table in zip(model.embeddings.tables, self.embeddings.tables, strict=True):
+                target.table.weight.copy_(table.collapse())
+        return model.eval()
+
+
+class ProbabilityModel(nn.Module):
+    """The exported signature: (dense, sparse) -> probability [B, 1]."""
+
+    def __init__(self, model: DLRM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        return self.model.probability(dense, sparse)

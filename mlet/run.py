@@ -1,0 +1,79 @@
+"""The run folder: what training writes and export (or a PyTorch backend) reads back.
+
+runs/<name>/config.json        data schema, model config, training config, versions
+runs/<name>/model.safetensors  trained weights (a multi-layer table keeps W1 and W2)
+runs/<name>/metrics.json       val/test metrics, timing, device
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlet.data.dataset import DataSchema
+from mlet.dlrm import DLRM, DLRMConfig
+from mlet.files import read_json, write_json
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+
+
+def software_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+@dataclass
+class Run:
+    """A trained run read back from disk."""
+
+    path: Path
+    config: dict
+    model_config: DLRMConfig
+    schema: DataSchema
+    metrics: dict
+
+    def load_model(self, device: str = "cpu") -> DLRM:
+        """Rebuild the model from its config and load its weights (no pickle involved)."""
+        model = DLRM(self.model_config, sparse=False)
+        state = load_file(self.path / WEIGHTS_FILE, device=device)
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+
+def write_run(directory: Path, config: dict, model: DLRM, metrics: dict) -> None:
+    """Write the three files of a run into `directory` (staged by the caller)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "mlet-run-v1"})
+    write_json(directory / CONFIG_FILE, config)
+    write_json(directory / METRICS_FILE, metrics)
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a training run: {name} is missing")
+    config = read_json(path / CONFIG_FILE)
+    metrics = read_json(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else {}
+    return Run(
+        path=path,
+        config=config,
+        model_config=DLRMConfig.from_dict(config["model"]),
+        schema=DataSchema.from_dict(config["schema"]),
+        metrics=metrics,
+    )

@@ -1,0 +1,185 @@
+"""The Open Inference Protocol (KServe v2) request and response bodies.
+
+JSON tensors carry their values in "data". The binary tensor extension, as Triton
+implements it, puts the JSON header first and the raw little-endian bytes of each
+binary tensor after it, in order: the header's length travels in the
+`Inference-Header-Content-Length` HTTP header, a binary input says its byte count in
+its `binary_data_size` parameter, and an output is returned binary when the request
+asks for it (`binary_data` on the output, or `binary_data_output` for all outputs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from mlet.spec import DATATYPES
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class InferenceError(Exception):
+    """A request the server refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class RequestTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    parameters: dict
+    inputs: list[RequestTensor]
+    outputs: list[dict] | None = None
+    binary_outputs: set[str] = field(default_factory=set)
+
+
+def _field(obj: dict, key: str, kind: type, where: str):
+    if key not in obj:
+        raise InferenceError(f"{where}: missing '{key}'")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise InferenceError(f"{where}: '{key}' must be a {kind.__name__}")
+    return value
+
+
+def _shape(tensor: dict, where: str) -> tuple[int, ...]:
+    shape = _field(tensor, "shape", list, where)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InferenceError(f"{where}: 'shape' must be a list of non-negative integers")
+    return tuple(shape)
+
+
+def _json_array(values, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Values from JSON (flat or nested lists) as an array of `datatype`, strictly typed."""
+    try:
+        array = np.asarray(values)
+    except ValueError as e:
+        raise InferenceError(f"{where}: 'data' is not a rectangular array of numbers") from e
+    if array.size != math.prod(shape):
+        raise InferenceError(
+            f"{where}: 'data' holds {array.size} values but shape {list(shape)} "
+            f"needs {math.prod(shape)}"
+        )
+    kind = np.dtype(DATATYPES[datatype]).kind
+    allowed = {"f": "biuf", "i": "iu", "u": "u"}[kind]
+    if array.size and array.dtype.kind not in allowed:
+        expected = "integers" if kind in "iu" else "numbers"
+        raise InferenceError(f"{where}: 'data' must hold {expected} for datatype {datatype}")
+    return array.astype(DATATYPES[datatype], copy=False).reshape(shape)
+
+
+def _binary_array(raw: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    itemsize = np.dtype(DATATYPES[datatype]).itemsize
+    if len(raw) != math.prod(shape) * itemsize:
+        raise InferenceError(
+            f"{where}: binary data holds {len(raw)} bytes but shape {list(shape)} of "
+            f"{datatype} needs {math.prod(shape) * itemsize}"
+        )
+    dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Parse a JSON or binary-extension request body into typed arrays."""
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise InferenceError(
+            f"{HEADER_LENGTH} is {header_length} but the body holds {len(body)} bytes"
+        )
+    header_bytes = body if header_length is None else body[:header_length]
+    binary = memoryview(body)[len(header_bytes) :]
+    try:
+        header = orjson.loads(header_bytes)
+    except orjson.JSONDecodeError as e:
+        raise InferenceError(f"request body is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise InferenceError("request body must be a JSON object")
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InferenceError("'parameters' must be an object")
+
+    inputs, offset = [], 0
+    for i, tensor in enumerate(_field(header, "inputs", list, "request")):
+        if not isinstance(tensor, dict):
+            raise InferenceError(f"inputs[{i}] must be an object")
+        name = _field(tensor, "name", str, f"inputs[{i}]")
+        where = f"input '{name}'"
+        datatype = _field(tensor, "datatype", str, where)
+        if datatype not in DATATYPES:
+            raise InferenceError(f"{where}: unsupported datatype {datatype!r}")
+        shape = _shape(tensor, where)
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InferenceError(f"{where}: binary_data_size {size!r} exceeds the body")
+            data = _binary_array(binary[offset : offset + size], datatype, shape, where)
+            offset += size
+        elif "data" in tensor:
+            data = _json_array(tensor["data"], datatype, shape, where)
+        else:
+            raise InferenceError(f"{where}: neither 'data' nor a binary_data_size parameter")
+        inputs.append(RequestTensor(name, datatype, shape, data))
+    if offset != len(binary):
+        raise InferenceError(f"{len(binary) - offset} bytes of binary data belong to no input")
+
+    outputs = header.get("outputs")
+    if outputs is not None and not (
+        isinstance(outputs, list) and all(isinstance(o, dict) and "name" in o for o in outputs)
+    ):
+        raise InferenceError("'outputs' must be a list of objects with a 'name'")
+    binary_outputs = set()
+    for o in outputs or []:
+        if (o.get("parameters") or {}).get("binary_data", False):
+            binary_outputs.add(o["name"])
+    request_id = header.get("id")
+    return InferRequest(
+        id=None if request_id is None else str(request_id),
+        parameters=parameters,
+        inputs=inputs,
+        outputs=outputs,
+        binary_outputs=binary_outputs,
+    )
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request: InferRequest,
+    outputs: dict[str, tuple[str, np.ndarray]],
+    parameters: dict | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """Body and extra headers for `outputs` (name -> (datatype, array))."""
+    all_binary = bool(request.parameters.get("binary_data_output", False))
+    tensors, blobs = [], []
+    for name, (datatype, array) in outputs.items():
+        tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if all_binary or name in request.binary_outputs:
+            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = np.ascontiguousarray(array).ravel()
+        tensors.append(tensor)
+    response = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
+    if request.id is not None:
+        response["id"] = request.id
+    if parameters:
+        response["parameters"] = parameters
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, {"content-type": "application/json"}
+    headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+    return header + b"".join(blobs), headers

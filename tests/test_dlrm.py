@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from mlet.dlrm import DLRM, DLRMConfig, build_config
+
+
+def test_forward_shapes_and_interaction_count():
+    config = build_config(13, [5] * 26, "full", dim=8, bottom_mlp=(16,), top_mlp=(16,))
+    model = DLRM(config)
+    assert config.num_interactions == 27 * 26 // 2
+    logits = model(torch.rand(7, 13), torch.zeros(7, 26, dtype=torch.long))
+    assert logits.shape == (7, 1)
+    assert model.top[0].in_features == 8 + 351
+    assert model.probability(torch.rand(2, 13), torch.zeros(2, 26, dtype=torch.long)).shape == (
+        2,
+        1,
+    )
+
+
+def test_dense_transform_clamps_negatives_and_logs():
+    model = DLRM(build_config(2, [3], "full", dim=2))
+    out = model.transform_dense(torch.tensor([[-5.0, 0.0], [1.0, 9.0]]))
+    expected = torch.log(torch.tensor([[1.0, 1.0], [2.0, 10.0]]))
+    torch.testing.assert_close(out, expected)
+
+
+def test_interaction_selects_each_pair_once():
+    model = DLRM(build_config(1, [3, 3], "full", dim=2))
+    vectors = torch.arange(3 * 2, dtype=torch.float32).view(1, 3, 2)
+    dots = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1)
+    pairs = dots.index_select(1, model.interaction_index)
+    # pairs (1,0), (2,0), (2,1) of vectors [0,1], [2,3], [4,5]
+    assert pairs.tolist() == [[3.0, 5.0, 23.0]]
+
+
+def test_config_round_trip_and_validation():
+    config = build_config(3, [4, 5], "mlet", dim=2, hidden=8)
+    assert DLRMConfig.from_dict(config.to_dict()) == config
+    assert config.collapsed().embedding_kind == "full"
+    with pytest.raises(ValueError, match="needs --hidden"):
+        build_config(3, [4], "mlet", dim=2)
+    with pytest.raises(ValueError, match="multi-layer embeddings only"):
+        build_config(3, [4], "full", dim=2, hidden=8)
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        build_config(3, [4], "tt", dim=2)

@@ -1,0 +1,24 @@
+import json
+
+from bench.load import LoadConfig, run_load
+
+
+def test_five_second_headless_locust_run_has_no_failures(tiny_repo, tmp_path):
+    config = LoadConfig(users=4, duration=5)
+    summaries = run_load(tiny_repo, ["mlet"], config, tmp_path)
+    (summary,) = summaries
+    assert summary["model"] == "mlet"
+    assert summary["requests"] > 0 and summary["failures"] == 0
+    assert summary["p50_ms"] <= summary["p99_ms"]
+    assert summary["server_rss_bytes"] > 0
+    stored = json.loads((tmp_path / "summary.json").read_text())
+    assert stored["models"][0]["requests"] == summary["requests"]
+    assert "| mlet |" in (tmp_path / "summary.md").read_text()
+
+
+def test_binary_multi_row_load_has_no_failures(tiny_repo, tmp_path):
+    (summary,) = run_load(
+        tiny_repo, ["full"], LoadConfig(users=2, duration=2, rows=64, binary=True), tmp_path
+    )
+    assert summary["requests"] > 0 and summary["failures"] == 0
+    assert summary["rows_per_s"] == summary["requests_per_s"] * 64

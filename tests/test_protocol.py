@@ -1,0 +1,172 @@
+import numpy as np
+import orjson
+import pytest
+
+from bench.requests import encode_inputs
+from mlet.spec import ExportSpec, TensorSpec
+from serve.protocol import InferenceError, InferRequest, decode_request, encode_response
+from serve.validation import requested_outputs, validate_inputs
+
+SPEC = ExportSpec(
+    inputs=(TensorSpec("dense", "FP32", (2,)), TensorSpec("sparse", "INT64", (3,))),
+    outputs=(TensorSpec("probability", "FP32", (1,)),),
+    table_rows=(10, 5, 7),
+    table_names=("C1", "C2", "C3"),
+    max_batch_size=4,
+)
+
+
+def body(dense, sparse, batch=1, **overrides) -> bytes:
+    request = {
+        "inputs": [
+            {"name": "dense", "datatype": "FP32", "shape": [batch, 2], "data": dense},
+            {"name": "sparse", "datatype": "INT64", "shape": [batch, 3], "data": sparse},
+        ]
+    }
+    request.update(overrides)
+    return orjson.dumps(request)
+
+
+def test_json_request_decodes_nested_or_flat():
+    nested = decode_request(body([[1, 2.5]], [[1, 2, 3]]))
+    flat = decode_request(body([1, 2.5], [1, 2, 3]))
+    for request in (nested, flat):
+        arrays = validate_inputs(SPEC, request)
+        assert arrays["dense"].dtype == np.float32 and arrays["dense"].shape == (1, 2)
+        assert arrays["sparse"].dtype == np.int64 and arrays["sparse"].tolist() == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_client_encoding_round_trips(binary):
+    inputs = {
+        "dense": np.array([[1, 2], [3, 4]], np.float32),
+        "sparse": np.array([[0, 4, 6], [9, 0, 0]], np.int64),
+    }
+    payload, headers = encode_inputs(SPEC, inputs, binary)
+    length = headers.get("Inference-Header-Content-Length")
+    request = decode_request(payload, int(length) if length else None)
+    arrays = validate_inputs(SPEC, request)
+    for name, value in inputs.items():
+        assert np.array_equal(arrays[name], value)
+
+
+def test_binary_response_and_json_response():
+    probability = np.array([[0.25], [0.5]], np.float32)
+    request = InferRequest(id="7", parameters={"binary_data_output": True}, inputs=[])
+    content, headers = encode_response("m", "1", request, {"probability": ("FP32", probability)})
+    length = int(headers["Inference-Header-Content-Length"])
+    header = orjson.loads(content[:length])
+    assert header["id"] == "7" and header["outputs"][0]["parameters"]["binary_data_size"] == 8
+    assert np.array_equal(np.frombuffer(content[length:], np.float32), probability.ravel())
+    content, headers = encode_response(
+        "m", "1", InferRequest(None, {}, []), {"probability": ("FP32", probability)}
+    )
+    assert "Inference-Header-Content-Length" not in headers
+    assert orjson.loads(content)["outputs"][0] == {
+        "name": "probability",
+        "datatype": "FP32",
+        "shape": [2, 1],
+        "data": [0.25, 0.5],
+    }
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"not json", "not valid JSON"),
+        (b"[1]", "must be a JSON object"),
+        (orjson.dumps({"inputs": 3}), "'inputs' must be a list"),
+        (body([[1, 2]], [[1, 2, 3]], parameters=[1]), "'parameters' must be an object"),
+        (body([[1, 2]], [[1, 2]]), "holds 2 values but shape \\[1, 3\\] needs 3"),
+        (body([[1, 2]], [[1, 2.5, 3]]), "must hold integers for datatype INT64"),
+        (body([[1, "a"]], [[1, 2, 3]]), "must hold numbers"),
+        (body([[1, 2], [3]], [[1, 2, 3]], batch=2), "input 'dense'"),
+    ],
+)
+def test_malformed_requests_name_the_fault(payload, message):
+    with pytest.raises(InferenceError, match=message) as error:
+        validate_inputs(SPEC, decode_request(payload))
+    assert error.value.status == 400
+
+
+def invalid(request: dict, message: str):
+    with pytest.raises(InferenceError, match=message) as error:
+        validate_inputs(SPEC, decode_request(orjson.dumps(request)))
+    assert error.value.status == 400
+
+
+def tensor(name, datatype, shape, data):
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}
+
+
+DENSE = tensor("dense", "FP32", [1, 2], [1, 2])
+SPARSE = tensor("sparse", "INT64", [1, 3], [1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ([DENSE], "missing input\\(s\\) \\['sparse'\\]"),
+        ([DENSE, SPARSE, tensor("extra", "FP32", [1], [1])], "unknown input\\(s\\) \\['extra'\\]"),
+        ([DENSE, DENSE, SPARSE], "input 'dense' is given more than once"),
+        ([tensor("dense", "INT64", [1, 2], [1, 2]), SPARSE], "'dense' has datatype INT64"),
+        ([tensor("dense", "FP32", [1, 3], [1, 2, 3]), SPARSE], "'dense' has shape \\[1, 3\\]"),
+        ([tensor("dense", "FP32", [2], [1, 2]), SPARSE], "'dense' has shape \\[2\\]"),
+        ([DENSE, tensor("sparse", "INT64", [1, 3], [1, 5, 3])], "id 5 is outside table C2"),
+        ([DENSE, tensor("sparse", "INT64", [1, 3], [-1, 0, 0])], "id -1 is outside table C1"),
+        (
+            [
+                tensor("dense", "FP32", [5, 2], [1] * 10),
+                tensor("sparse", "INT64", [5, 3], [0] * 15),
+            ],
+            "batch 5, above the model's maximum of 4",
+        ),
+        (
+            [tensor("dense", "FP32", [2, 2], [1] * 4), SPARSE],
+            "inputs disagree on the batch size",
+        ),
+        ([tensor("dense", "FP32", [0, 2], []), SPARSE], "empty batch"),
+    ],
+)
+def test_invalid_inputs_name_the_input(inputs, message):
+    invalid({"inputs": inputs}, message)
+
+
+def test_non_finite_dense_values_are_refused():
+    request = decode_request(body([[1, 2]], [[1, 2, 3]]))
+    request.inputs[0].data = np.array([[1, np.nan]], np.float32)
+    with pytest.raises(InferenceError, match="non-finite value at row 0, feature 1"):
+        validate_inputs(SPEC, request)
+
+
+def test_binary_sizes_must_match():
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "dense",
+                    "datatype": "FP32",
+                    "shape": [1, 2],
+                    "parameters": {"binary_data_size": 8},
+                },
+                {
+                    "name": "sparse",
+                    "datatype": "INT64",
+                    "shape": [1, 3],
+                    "parameters": {"binary_data_size": 20},
+                },
+            ]
+        }
+    )
+    with pytest.raises(InferenceError, match="input 'sparse': binary data holds 20 bytes"):
+        decode_request(header + bytes(28), len(header))
+    with pytest.raises(InferenceError, match="exceeds the body"):
+        decode_request(header + bytes(10), len(header))
+    with pytest.raises(InferenceError, match="Inference-Header-Content-Length is 999"):
+        decode_request(header, 999)
+
+
+def test_unknown_requested_output():
+    request = decode_request(body([[1, 2]], [[1, 2, 3]], outputs=[{"name": "logit"}]))
+    with pytest.raises(InferenceError, match="unknown output\\(s\\) \\['logit'\\]"):
+        requested_outputs(SPEC, request)
