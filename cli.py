@@ -90,19 +90,44 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from serve.app import ServerLimits
     from serve.backends import SessionOptions
+    from serve.dataplane import BatchingOverrides, PlaneConfig
     from serve.server import ServerConfig, run_server
 
+    session = SessionOptions(
+        intra_op_threads=args.threads,
+        inter_op_threads=args.inter_op_threads,
+        memory_arena=not args.no_memory_arena,
+        graph_optimization=args.graph_optimization,
+        allow_spinning=args.spin,
+        providers=tuple(args.providers),
+    )
+    batching = BatchingOverrides(
+        enabled={"on": True, "off": False, "config": None}[args.batching],
+        max_queue_delay_us=args.max_queue_delay_us,
+        preferred_batch_sizes=args.preferred_batch_sizes,
+        instances=args.instances,
+        max_queue_rows=args.max_queue_rows,
+        timeout_s=args.request_timeout or None,
+    )
+    if args.repo is None and not args.torch_run:
+        raise ValueError("give a model repository (--repo) or a run (--torch-run NAME=RUN)")
     run_server(
         ServerConfig(
-            repo=Path(args.repo),
+            repo=Path(args.repo) if args.repo else None,
             host=args.host,
             port=args.port,
             models=args.models,
-            workers=args.workers,
-            session=SessionOptions(intra_op_threads=args.threads),
+            plane=PlaneConfig(session=session, batching=batching, torch_runs=tuple(args.torch_run)),
             limits=ServerLimits(max_body_bytes=args.max_body_bytes),
         )
     )
+
+
+def named_run(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=RUN_FOLDER, got {text!r}")
+    return name, Path(path)
 
 
 def cmd_bench_load(args: argparse.Namespace) -> None:
@@ -113,6 +138,20 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
     )
     run_load(args.repo, args.models, config, args.out)
     print((Path(args.out) / "summary.md").read_text())
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from bench.serve_bench import ServeBenchConfig, run_serve_bench
+
+    config = ServeBenchConfig(
+        small_users=args.users,
+        large_rows=args.rows,
+        large_users=args.large_users,
+        duration=args.duration,
+        repetitions=args.repetitions,
+    )
+    run_serve_bench(args.repo, args.model, config, args.out)
+    print((Path(args.out) / "serve.md").read_text())
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -173,13 +212,40 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=cmd_export)
 
     serve = stages.add_parser("serve", help="serve a model repository (KServe v2 over HTTP)")
-    serve.add_argument("--repo", required=True)
+    serve.add_argument("--repo", help="model repository written by `mlet export`")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--models", type=name_list, help="serve only these models")
-    serve.add_argument("--workers", type=int, default=2, help="threads running inference")
-    serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    serve.add_argument("--models", type=name_list, help="load only these models at start")
+    serve.add_argument(
+        "--torch-run", type=named_run, action="append", default=[], metavar="NAME=RUN",
+        help="also serve a training run with PyTorch (the uncollapsed model), as NAME",
+    )  # fmt: skip
     serve.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
+    batching = serve.add_argument_group("dynamic batching (default: each model's config.pbtxt)")
+    batching.add_argument("--batching", choices=["config", "on", "off"], default="config")
+    batching.add_argument("--max-queue-delay-us", type=int, help="longest wait for a batch")
+    batching.add_argument("--preferred-batch-sizes", type=int_list, help="e.g. 64,256")
+    batching.add_argument("--instances", type=int, help="batches run at once per model")
+    batching.add_argument("--max-queue-rows", type=int, default=65536, help="503 above this")
+    batching.add_argument(
+        "--request-timeout", type=float, default=10.0, help="seconds a request may wait (0: none)"
+    )
+    runtime = serve.add_argument_group("ONNX Runtime session")
+    runtime.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads (0: cores / instances)"
+    )
+    runtime.add_argument("--inter-op-threads", type=int, default=1)
+    runtime.add_argument("--no-memory-arena", action="store_true")
+    runtime.add_argument(
+        "--graph-optimization", choices=["disable", "basic", "extended", "all"], default="all"
+    )
+    runtime.add_argument(
+        "--spin", action="store_true", help="let idle threads spin (lower latency, more CPU)"
+    )
+    runtime.add_argument(
+        "--providers", type=name_list, default=["CPUExecutionProvider"],
+        help="execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider",
+    )  # fmt: skip
     serve.set_defaults(handler=cmd_serve)
 
     bench = stages.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)
@@ -192,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--binary", action="store_true", help="binary tensor extension")
     load.add_argument("--out", required=True, help="results folder")
     load.set_defaults(handler=cmd_bench_load)
+
+    serve_bench = bench.add_parser("serve", help="batching on/off and server vs in-process")
+    serve_bench.add_argument("--repo", required=True)
+    serve_bench.add_argument("--model", required=True)
+    serve_bench.add_argument("--users", type=int, default=64, help="users sending 1-row requests")
+    serve_bench.add_argument("--rows", type=int, default=256, help="rows per large request")
+    serve_bench.add_argument("--large-users", type=int, default=8)
+    serve_bench.add_argument("--duration", type=float, default=15.0, help="seconds per run")
+    serve_bench.add_argument("--repetitions", type=int, default=3)
+    serve_bench.add_argument("--out", required=True, help="results folder")
+    serve_bench.set_defaults(handler=cmd_bench_serve)
 
     demo = stages.add_parser("demo", help="the whole pipeline on the synthetic default")
     demo.add_argument("--out", default="demo-out")

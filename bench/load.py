@@ -35,7 +35,7 @@ class LoadConfig:
     rows: int = 1
     binary: bool = False
     zipf_exponent: float = 1.05
-    server_workers: int = 2
+    server_args: tuple[str, ...] = ()  # extra `mlet serve` options, e.g. ("--batching", "off")
     ready_timeout: float = 60.0
 
     def __post_init__(self) -> None:
@@ -135,8 +135,10 @@ def read_locust_stats(prefix: Path) -> dict:
 def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
     manifest_path = repo / model / "manifest.json"
     manifest = read_json(manifest_path)
-    options = ("--workers", str(config.server_workers))
-    with running_server(repo, [model], *options, timeout=config.ready_timeout) as (url, server):
+    with running_server(repo, [model], *config.server_args, timeout=config.ready_timeout) as (
+        url,
+        server,
+    ):
         rss_loaded = server.memory_info().rss
         prefix = out / f"locust-{model}"
         run_locust(url, model, manifest_path, config, prefix)

@@ -1,15 +1,18 @@
 """The HTTP transport: parses requests, calls the data plane, answers. Nothing else.
 
-Routes follow the Open Inference Protocol (KServe v2); errors are `{"error": "..."}`
-with a 4xx status that says whose fault it was, and never carry a traceback.
+Routes follow the Open Inference Protocol (KServe v2) and Triton's model repository
+extension; errors are `{"error": "..."}` with a status that says whose fault it was, and
+never carry a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -22,20 +25,18 @@ from serve.protocol import HEADER_LENGTH, InferenceError
 log = logging.getLogger("mlet.serve")
 SERVER_NAME = "mlet"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerLimits:
     max_body_bytes: int = 64 << 20
 
 
-def json_response(data: dict, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
-
-
-def error_response(message: str, status: int) -> Response:
-    return json_response({"error": message}, status)
+def json_response(data, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(
+        orjson.dumps(data), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -60,6 +61,29 @@ def header_length(request: Request) -> int | None:
     return int(value)
 
 
+def model_statistics(plane: DataPlane, name: str) -> dict:
+    handle = plane.model(name)
+    stats = handle.batcher.stats
+    return {
+        "model_stats": [
+            {
+                "name": handle.name,
+                "version": handle.version,
+                "inference_count": stats.rows,
+                "execution_count": stats.executions,
+                "request_count": stats.requests,
+                "failed_request_count": stats.failed_requests,
+                "refused_queue_full": stats.refused_full,
+                "refused_timeout": stats.refused_timeout,
+                "batch_stats": [
+                    {"batch_size": rows, "count": count}
+                    for rows, count in sorted(stats.batch_rows.items())
+                ],
+            }
+        ]
+    }
+
+
 def create_app(plane: DataPlane, limits: ServerLimits | None = None) -> Starlette:
     limits = limits or ServerLimits()
 
@@ -67,7 +91,8 @@ def create_app(plane: DataPlane, limits: ServerLimits | None = None) -> Starlett
         return json_response({"live": True})
 
     async def ready(request: Request) -> Response:
-        return json_response({"ready": bool(plane.models)})
+        is_ready = bool(plane.models)
+        return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
     async def server_metadata(request: Request) -> Response:
         return json_response(
@@ -92,17 +117,42 @@ def create_app(plane: DataPlane, limits: ServerLimits | None = None) -> Starlett
         )
         return Response(content, headers=headers)
 
+    async def repository_index(request: Request) -> Response:
+        return json_response(plane.index())
+
+    async def repository_load(request: Request) -> Response:
+        await plane.load(request.path_params["model"])
+        return json_response({})
+
+    async def repository_unload(request: Request) -> Response:
+        await plane.unload(request.path_params["model"])
+        return json_response({})
+
+    async def statistics(request: Request) -> Response:
+        return json_response(model_statistics(plane, request.path_params["model"]))
+
+    async def metrics(request: Request) -> Response:
+        return Response(plane.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     async def inference_error(request: Request, exc: InferenceError) -> Response:
-        return error_response(exc.message, exc.status)
+        return json_response({"error": exc.message}, exc.status, exc.headers)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return error_response(exc.detail, exc.status_code)
+        return json_response({"error": exc.detail}, exc.status_code)
 
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         log.exception("request to %s failed", request.url.path)
-        return error_response(f"internal error: {type(exc).__name__}", 500)
+        return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
 
-    routes = [
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        # uvicorn has stopped accepting and finished the open requests; drain the queues.
+        await plane.close()
+
+    routes = [  # infer first: the router tries routes in order
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
@@ -110,11 +160,15 @@ def create_app(plane: DataPlane, limits: ServerLimits | None = None) -> Starlett
         Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/stats", statistics),
+        Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        Route("/metrics", metrics),
     ]
     return Starlette(
         routes=routes,
+        lifespan=lifespan,
         exception_handlers={
             InferenceError: inference_error,
             HTTPException: http_error,

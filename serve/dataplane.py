@@ -1,117 +1,305 @@
-"""What the server does, apart from HTTP: holds the loaded models and runs requests."""
+"""What the server does, apart from HTTP: loads models, batches and runs requests, counts.
+
+Each served model is a handle: its spec (the shape contract), a backend (the runtime), a
+dynamic batcher and the threads the batcher runs batches on. Loading builds a complete
+new handle before it replaces the old one, and the old one finishes its queued and
+running requests before it is dropped, so a reload never fails a request in flight.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlet.files import read_json
 from mlet.spec import ExportSpec
-from serve.backends import Backend, OnnxRuntimeBackend, SessionOptions
-from serve.protocol import InferenceError, InferRequest, decode_request, encode_response
+from serve.backends import Backend, OnnxRuntimeBackend, SessionOptions, TorchBackend
+from serve.batcher import (
+    BatcherClosedError,
+    BatchingConfig,
+    DynamicBatcher,
+    QueueFullError,
+    RequestTimeoutError,
+)
+from serve.metrics import ServerMetrics
+from serve.model_config import read_model_config, serving_defaults
+from serve.protocol import InferenceError, decode_request, encode_response
 from serve.validation import requested_outputs, validate_inputs
 
 log = logging.getLogger("mlet.serve")
 MANIFEST_FILE = "manifest.json"
+MODEL_FILES = ("model.onnx", "model.plan")
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+@dataclass(frozen=True)
+class BatchingOverrides:
+    """Command-line settings; None keeps what the model's config.pbtxt says."""
+
+    enabled: bool | None = None
+    max_queue_delay_us: int | None = None
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    instances: int | None = None
+    max_queue_rows: int = 65536
+    timeout_s: float | None = 10.0
+
+
+@dataclass(frozen=True)
+class PlaneConfig:
+    session: SessionOptions = field(default_factory=SessionOptions)
+    batching: BatchingOverrides = field(default_factory=BatchingOverrides)
+    torch_runs: tuple[tuple[str, Path], ...] = ()  # (name, run folder) served by PyTorch
 
 
 @dataclass
-class LoadedModel:
+class ModelHandle:
     name: str
     version: str
-    manifest: dict
+    platform: str
     spec: ExportSpec
     backend: Backend
+    batcher: DynamicBatcher
+    executor: ThreadPoolExecutor
+    source: Path
 
     def metadata(self) -> dict:
         return {
             "name": self.name,
             "versions": [self.version],
-            "platform": self.manifest.get("platform", "onnxruntime_onnx"),
+            "platform": self.platform,
             "inputs": [t.metadata() for t in self.spec.inputs],
             "outputs": [t.metadata() for t in self.spec.outputs],
         }
 
-
-def load_model(folder: Path, options: SessionOptions | None = None) -> LoadedModel:
-    manifest = read_json(folder / MANIFEST_FILE)
-    model_file = folder / manifest["model_file"]
-    if not model_file.is_file():
-        raise FileNotFoundError(
-            f"{folder}: {manifest['model_file']} named by the manifest is missing"
-        )
-    return LoadedModel(
-        name=manifest["name"],
-        version=str(manifest["version"]),
-        manifest=manifest,
-        spec=ExportSpec.from_dict(manifest["spec"]),
-        backend=OnnxRuntimeBackend(model_file, options),
-    )
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.executor.shutdown(wait=False)
 
 
-def model_folders(repo: Path) -> list[Path]:
+def model_versions(folder: Path) -> list[str]:
+    """Numeric version folders that hold a model file, oldest first."""
+    versions = [
+        p.name
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.isdigit() and any((p / f).is_file() for f in MODEL_FILES)
+    ]
+    return sorted(versions, key=int)
+
+
+def model_folders(repo: Path) -> dict[str, Path]:
     """Every model folder of a repository; hidden folders are exports in progress."""
     if not repo.is_dir():
         raise FileNotFoundError(f"model repository {repo} does not exist")
-    return sorted(
-        p
-        for p in repo.iterdir()
+    return {
+        p.name: p
+        for p in sorted(repo.iterdir())
         if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()
+    }
+
+
+def batching_config(spec: ExportSpec, folder: Path | None, overrides: BatchingOverrides):
+    """The model's config.pbtxt settings with the command line's overrides on top."""
+    if folder is not None and (folder / "config.pbtxt").is_file():
+        defaults = serving_defaults(read_model_config(folder))
+        enabled, delay_us = defaults.dynamic_batching, defaults.max_queue_delay_us
+        preferred, instances = defaults.preferred_batch_sizes, defaults.instances
+    else:
+        enabled, delay_us = True, spec.max_queue_delay_us
+        preferred, instances = spec.preferred_batch_sizes, 1
+
+    def pick(override, default):
+        return default if override is None else override
+
+    return BatchingConfig(
+        max_batch_rows=spec.max_batch_size,
+        preferred_batch_sizes=tuple(pick(overrides.preferred_batch_sizes, preferred)),
+        max_queue_delay_s=pick(overrides.max_queue_delay_us, delay_us) / 1e6,
+        max_queue_rows=overrides.max_queue_rows,
+        timeout_s=overrides.timeout_s,
+        instances=pick(overrides.instances, instances),
+        enabled=pick(overrides.enabled, enabled),
     )
 
 
 class DataPlane:
-    def __init__(self, models: dict[str, LoadedModel], workers: int = 2) -> None:
-        self.models = models
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
+    def __init__(self, repo: Path | None, config: PlaneConfig | None = None) -> None:
+        self.repo = repo
+        self.config = config or PlaneConfig()
+        self.metrics = ServerMetrics()
+        self.models: dict[str, ModelHandle] = {}
+        self.failures: dict[str, str] = {}  # model -> why its last load failed
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Task] = set()
 
-    @classmethod
-    def from_repository(
-        cls,
-        repo: str | Path,
-        options: SessionOptions | None = None,
-        workers: int = 2,
-        only: list[str] | None = None,
-    ) -> DataPlane:
-        """Load every model of `repo`, or only the named ones."""
-        folders = model_folders(Path(repo))
-        if only is not None:
-            missing = sorted(set(only) - {f.name for f in folders})
-            if missing:
-                raise FileNotFoundError(f"model(s) {missing} not found in repository {repo}")
-            folders = [f for f in folders if f.name in only]
-        models = {}
-        for folder in folders:
-            model = load_model(folder, options)
-            models[model.name] = model
-            log.info("loaded model %s from %s", model.name, folder)
-        if not models:
-            raise FileNotFoundError(f"model repository {repo} holds no model (no */manifest.json)")
-        return cls(models, workers=workers)
+    # -- loading ----------------------------------------------------------------------
 
-    def model(self, name: str, version: str | None = None) -> LoadedModel:
-        model = self.models.get(name)
-        if model is None:
+    def known_models(self) -> dict[str, Path]:
+        """Models this server can load: the repository's folders and the PyTorch runs."""
+        folders = model_folders(self.repo) if self.repo is not None else {}
+        return {**folders, **dict(self.config.torch_runs)}
+
+    def build_handle(self, name: str) -> ModelHandle:
+        """Load one model from disk (blocking: a runtime session is built)."""
+        runs = dict(self.config.torch_runs)
+        if name in runs:
+            return self._torch_handle(name, Path(runs[name]))
+        folder = self.known_models().get(name)
+        if folder is None:
+            raise FileNotFoundError(f"no model '{name}' in repository {self.repo}")
+        versions = model_versions(folder)
+        if not versions:
+            raise FileNotFoundError(f"{folder} holds no version folder with a model file")
+        version = versions[-1]  # Triton's default policy: the latest version
+        manifest_path = folder / version / MANIFEST_FILE
+        manifest = read_json(manifest_path if manifest_path.is_file() else folder / MANIFEST_FILE)
+        spec = ExportSpec.from_dict(manifest["spec"])
+        batching = batching_config(spec, folder, self.config.batching)
+        platform = manifest.get("platform", "onnxruntime_onnx")
+        model_file = folder / version / Path(manifest["model_file"]).name
+        if not model_file.is_file():
+            raise FileNotFoundError(f"{model_file} named by the manifest is missing")
+        if platform != "onnxruntime_onnx":
+            raise ValueError(f"model '{name}': platform {platform!r} is not served here")
+        backend = OnnxRuntimeBackend(model_file, self.config.session, batching.instances)
+        return self._handle(name, version, platform, spec, backend, batching, model_file)
+
+    def _torch_handle(self, name: str, run: Path) -> ModelHandle:
+        from mlet.run import load_run
+        from mlet.spec import spec_for
+
+        spec = spec_for(load_run(run).model_config)
+        batching = batching_config(spec, None, self.config.batching)
+        backend = TorchBackend(run, self.config.session.intra_op_threads)
+        return self._handle(name, "1", "pytorch", spec, backend, batching, run)
+
+    def _handle(self, name, version, platform, spec, backend, batching, source) -> ModelHandle:
+        executor = ThreadPoolExecutor(batching.instances, thread_name_prefix=f"infer-{name}")
+        batcher = DynamicBatcher(
+            backend.infer, batching, executor, observe=self.metrics.batch_observer(name)
+        )
+        return ModelHandle(name, version, platform, spec, backend, batcher, executor, source)
+
+    def load_all(self, only: list[str] | None = None) -> None:
+        """Load the named models (default: all) before serving; any failure is fatal."""
+        known = self.known_models()
+        runs = [name for name, _ in self.config.torch_runs]  # asked for by name: always loaded
+        names = list(known) if only is None else [*only, *(r for r in runs if r not in only)]
+        missing = sorted(set(names) - set(known))
+        if missing:
+            raise FileNotFoundError(f"model(s) {missing} not found in repository {self.repo}")
+        if not names:
+            raise FileNotFoundError(f"model repository {self.repo} holds no model")
+        for name in names:
+            self._install(self.build_handle(name))
+            log.info("loaded %s (%s)", name, self.models[name].source)
+
+    def _install(self, handle: ModelHandle) -> ModelHandle | None:
+        old = self.models.get(handle.name)
+        self.models[handle.name] = handle
+        self.failures.pop(handle.name, None)
+        gauge = self.metrics.queued_rows.labels(handle.name)
+        gauge.set_function(lambda: handle.batcher.queued_rows)
+        return old
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model; requests keep flowing to the old version until the swap."""
+        async with self._lock(name):
+            loop = asyncio.get_running_loop()
+            try:
+                handle = await loop.run_in_executor(self._loader, self.build_handle, name)
+            except Exception as e:
+                self.failures[name] = str(e)
+                raise InferenceError(f"failed to load model '{name}': {e}") from e
+            old = self._install(handle)
+            if old is not None:
+                task = loop.create_task(old.close())  # drains the old version's requests
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock(name):
+            handle = self.models.pop(name, None)
+            if handle is None:
+                raise InferenceError(f"model '{name}' is not loaded", status=404)
+            self.metrics.queued_rows.remove(name)
+            await handle.close()
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def index(self) -> list[dict]:
+        entries = []
+        for name in sorted(set(self.known_models()) | set(self.models)):
+            handle = self.models.get(name)
+            if handle is not None:
+                entries.append({"name": name, "version": handle.version, "state": "READY"})
+            else:
+                reason = self.failures.get(name, "not loaded")
+                entries.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
+        return entries
+
+    # -- serving ----------------------------------------------------------------------
+
+    def model(self, name: str, version: str | None = None) -> ModelHandle:
+        handle = self.models.get(name)
+        if handle is None:
             raise InferenceError(f"unknown model '{name}'", status=404)
-        if version is not None and version != model.version:
-            raise InferenceError(f"model '{name}' has no version '{version}'", status=404)
-        return model
+        if version is not None and version != handle.version:
+            raise InferenceError(f"model '{name}' has no version '{version}' loaded", status=404)
+        return handle
 
     async def infer(
         self, name: str, version: str | None, body: bytes, header_length: int | None
     ) -> tuple[bytes, dict[str, str]]:
-        model = self.model(name, version)
-        request: InferRequest = decode_request(body, header_length)
-        inputs = validate_inputs(model.spec, request)
-        outputs = requested_outputs(model.spec, request)
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self.executor, model.backend.infer, inputs)
-        datatypes = {t.name: t.datatype for t in model.spec.outputs}
+        started = time.perf_counter()
+        handle = self.model(name, version)
+        try:
+            request = decode_request(body, header_length)
+            inputs = validate_inputs(handle.spec, request)
+            outputs = requested_outputs(handle.spec, request)
+            rows = len(next(iter(inputs.values())))
+            results, timing = await handle.batcher.submit(inputs, rows, request_timeout(request))
+        except InferenceError:
+            self.metrics.requests.labels(name, "client_error").inc()
+            raise
+        except (QueueFullError, RequestTimeoutError, BatcherClosedError) as e:
+            self.metrics.requests.labels(name, "overloaded").inc()
+            raise InferenceError(str(e), status=503, headers=RETRY_AFTER) from e
+        except Exception as e:
+            self.metrics.requests.labels(name, "server_error").inc()
+            log.exception("model %s failed a batch", name)
+            raise InferenceError(f"model '{name}' failed: {type(e).__name__}: {e}", 500) from e
+        datatypes = {t.name: t.datatype for t in handle.spec.outputs}
         chosen = {n: (datatypes[n], results[n]) for n in outputs}
-        return encode_response(model.name, model.version, request, chosen)
+        parameters = None
+        if request.parameters.get("timing"):
+            parameters = {
+                "queue_us": round(timing.queue_s * 1e6),
+                "compute_us": round(timing.compute_s * 1e6),
+                "batch_rows": timing.batch_rows,
+            }
+        response = encode_response(handle.name, handle.version, request, chosen, parameters)
+        self.metrics.requests.labels(name, "success").inc()
+        self.metrics.rows.labels(name).inc(rows)
+        self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+        return response
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
+    async def close(self) -> None:
+        """Finish every queued request of every model, then release the runtimes."""
+        await asyncio.gather(*(h.close() for h in self.models.values()), *self._retiring)
+        self._loader.shutdown(wait=False)
+
+
+def request_timeout(request) -> float | None:
+    """The request's own timeout ('timeout' parameter, microseconds, as Triton reads it)."""
+    value = request.parameters.get("timeout")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InferenceError("parameter 'timeout' must be a positive integer of microseconds")
+    return value / 1e6

@@ -24,10 +24,11 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 class InferenceError(Exception):
     """A request the server refuses; `status` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, headers: dict | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.headers = headers or {}
 
 
 @dataclass

@@ -3,45 +3,50 @@
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
 from serve.app import ServerLimits, create_app
-from serve.backends import SessionOptions
-from serve.dataplane import DataPlane
+from serve.dataplane import DataPlane, PlaneConfig
 
 log = logging.getLogger("mlet.serve")
 
 
 @dataclass
 class ServerConfig:
-    repo: Path = Path("models")
+    repo: Path | None = Path("models")
     host: str = "127.0.0.1"  # loopback unless the operator says otherwise
     port: int = 8000
     models: list[str] | None = None  # None: every model of the repository
-    workers: int = 2  # threads that run inference; ONNX Runtime releases the GIL
-    session: SessionOptions = field(default_factory=SessionOptions)
+    plane: PlaneConfig = field(default_factory=PlaneConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
+    shutdown_grace_s: float = 30.0
     log_level: str = "warning"
 
 
 def run_server(config: ServerConfig) -> None:
-    """Serve until SIGINT or SIGTERM; uvicorn then stops accepting and finishes in-flight work."""
+    """Serve until SIGINT or SIGTERM.
+
+    On either signal uvicorn stops accepting connections and lets the open requests finish
+    (for up to shutdown_grace_s); the app's shutdown then drains every model's queue.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    plane = DataPlane.from_repository(config.repo, config.session, config.workers, config.models)
-    app = create_app(plane, config.limits)
+    plane = DataPlane(config.repo, config.plane)
+    plane.load_all(config.models)
     log.info("serving %s on http://%s:%d", ", ".join(plane.models), config.host, config.port)
-    try:
-        uvicorn.run(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            loop="uvloop",
-            http="httptools",
-            access_log=False,
-        )
-    finally:
-        plane.close()
+    # uvicorn re-raises the signal it stopped on once it has shut down gracefully; with the
+    # default SIGTERM action that kills the process. A finished graceful stop is a success.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(
+        create_app(plane, config.limits),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        timeout_graceful_shutdown=config.shutdown_grace_s,
+    )

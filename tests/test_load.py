@@ -1,6 +1,7 @@
 import json
 
 from bench.load import LoadConfig, run_load
+from bench.serve_bench import ServeBenchConfig, median_and_spread, run_serve_bench
 
 
 def test_five_second_headless_locust_run_has_no_failures(tiny_repo, tmp_path):
@@ -22,3 +23,24 @@ def test_binary_multi_row_load_has_no_failures(tiny_repo, tmp_path):
     )
     assert summary["requests"] > 0 and summary["failures"] == 0
     assert summary["rows_per_s"] == summary["requests_per_s"] * 64
+
+
+def test_serve_bench_runs_every_comparison(tiny_repo, tmp_path):
+    config = ServeBenchConfig(
+        small_users=4, large_rows=32, large_users=2, duration=2, repetitions=1
+    )
+    report = run_serve_bench(tiny_repo, "mlet", config, tmp_path)
+    summary = report["summary"]
+    assert summary["failures"] == 0
+    assert summary["batching_speedup"] > 0 and summary["binary_fraction_of_inprocess"] > 0
+    assert summary["inprocess_rows_per_s"]["values"][0] > 0
+    text = (tmp_path / "serve.md").read_text()
+    assert "Batching on / off" in text and "server, binary tensors" in text
+
+
+def test_median_and_spread():
+    assert median_and_spread([10.0, 12.0, 11.0]) == {
+        "median": 11.0,
+        "spread": 2.0 / 11.0,
+        "values": [10.0, 12.0, 11.0],
+    }

@@ -1,0 +1,265 @@
+"""Dynamic batching: merge concurrent requests into one runtime call, split the results back.
+
+Rows, not requests, count against the maximum batch: a ranking request can carry hundreds
+of candidates, and a TensorRT profile has a hard row limit. A batch is sent as soon as
+its rows reach a preferred size (or the largest preferred size, or the maximum), or when
+the oldest waiting request has waited the maximum queue delay, measured on a monotonic
+clock from that request's arrival. Requests that waited past their timeout are refused,
+a full queue refuses new requests, and a failing batch fails only its own requests.
+
+The batcher knows nothing about HTTP or about the runtime: it gets a function that runs a
+batch of named arrays and an executor to run it on, and tests drive it with plain calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+
+class QueueFullError(Exception):
+    """The queue holds its maximum; the caller should retry later."""
+
+
+class RequestTimeoutError(Exception):
+    """The request waited in the queue past its timeout."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher was closed (its model unloaded or the server stopping)."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_rows: int
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_s: float = 0.0005
+    max_queue_rows: int = 65536
+    timeout_s: float | None = 10.0
+    instances: int = 1  # batches that may run at once
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch_rows < 1 or self.instances < 1 or self.max_queue_rows < 1:
+            raise ValueError("max_batch_rows, instances and max_queue_rows must be positive")
+        if self.max_queue_delay_s < 0:
+            raise ValueError("max_queue_delay_s must not be negative")
+
+    @property
+    def send_at_rows(self) -> int:
+        """Rows that make a batch worth sending without waiting longer."""
+        sizes = [s for s in self.preferred_batch_sizes if s <= self.max_batch_rows]
+        return max(sizes) if sizes else self.max_batch_rows
+
+
+@dataclass
+class BatchStats:
+    """Counters that tests and /metrics read instead of timing anything."""
+
+    requests: int = 0
+    rows: int = 0
+    executions: int = 0
+    failed_requests: int = 0
+    refused_full: int = 0
+    refused_timeout: int = 0
+    batch_rows: Counter = field(default_factory=Counter)  # rows per execution -> count
+
+
+@dataclass
+class Timing:
+    """Where one request's time went, in seconds."""
+
+    queue_s: float
+    compute_s: float
+    batch_rows: int
+
+
+@dataclass
+class _Pending:
+    inputs: Arrays
+    rows: int
+    arrival: float
+    deadline: float | None
+    future: asyncio.Future
+
+
+BatchObserver = Callable[[int, float, list[float]], None]
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run_batch: Callable[[Arrays], Arrays],
+        config: BatchingConfig,
+        executor: Executor,
+        observe: BatchObserver | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.config = config
+        self.executor = executor
+        self.observe = observe  # called with (rows, compute seconds, queue seconds per request)
+        self.stats = BatchStats()
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._running = 0
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._scheduler: asyncio.Task | None = None
+        self._closed = False
+
+    # -- the caller's side ------------------------------------------------------------
+
+    async def submit(
+        self, inputs: Arrays, rows: int, timeout_s: float | None = None
+    ) -> tuple[Arrays, Timing]:
+        """Run `inputs` (rows along axis 0) in some batch; return its outputs and timing."""
+        if self._closed:
+            raise BatcherClosedError("the model is no longer served")
+        if self._queued_rows + rows > self.config.max_queue_rows:
+            self.stats.refused_full += 1
+            raise QueueFullError(
+                f"queue holds {self._queued_rows} rows; {rows} more would pass its bound of "
+                f"{self.config.max_queue_rows}"
+            )
+        now = time.monotonic()
+        timeout = self.config.timeout_s if timeout_s is None else timeout_s
+        pending = _Pending(
+            inputs=inputs,
+            rows=rows,
+            arrival=now,
+            deadline=None if timeout is None else now + timeout,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self.stats.requests += 1
+        self._queue.append(pending)
+        self._queued_rows += rows
+        self._idle.clear()
+        self._ensure_scheduler()
+        self._wakeup.set()
+        return await pending.future
+
+    async def close(self) -> None:
+        """Stop taking requests, finish every queued and running one, then stop."""
+        self._closed = True
+        self._wakeup.set()
+        await self._idle.wait()
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    # -- the scheduler ----------------------------------------------------------------
+
+    def _ensure_scheduler(self) -> None:
+        if self._scheduler is None or self._scheduler.done():
+            self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+    async def _schedule(self) -> None:
+        while True:
+            self._refuse_expired()
+            if not self._queue or self._running >= self.config.instances:
+                self._mark_idle_if_done()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            rows, count = self._rows_that_fit()
+            full = count < len(self._queue) or rows >= self.config.send_at_rows
+            preferred = rows in self.config.preferred_batch_sizes
+            waited = time.monotonic() - self._queue[0].arrival
+            expired = waited >= self.config.max_queue_delay_s
+            if full or preferred or expired or self._closed or not self.config.enabled:
+                batch = [self._queue.popleft() for _ in range(count)]
+                self._queued_rows -= rows
+                self._running += 1
+                asyncio.get_running_loop().create_task(self._execute(batch))
+                continue
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.config.max_queue_delay_s - waited)
+
+    def _rows_that_fit(self) -> tuple[int, int]:
+        """Rows and requests, from the oldest, that fit in one batch (one without batching)."""
+        if not self.config.enabled:
+            return self._queue[0].rows, 1
+        rows = count = 0
+        for pending in self._queue:
+            if rows + pending.rows > self.config.max_batch_rows:
+                break
+            rows += pending.rows
+            count += 1
+        return rows, count
+
+    def _refuse_expired(self) -> None:
+        now = time.monotonic()
+        kept: deque[_Pending] = deque()
+        for pending in self._queue:
+            if pending.deadline is not None and now > pending.deadline:
+                self._queued_rows -= pending.rows
+                self.stats.refused_timeout += 1
+                if not pending.future.done():
+                    waited = now - pending.arrival
+                    pending.future.set_exception(
+                        RequestTimeoutError(f"request waited {waited * 1000:.0f} ms in the queue")
+                    )
+            else:
+                kept.append(pending)
+        self._queue = kept
+
+    def _mark_idle_if_done(self) -> None:
+        if not self._queue and self._running == 0:
+            self._idle.set()
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        rows = sum(p.rows for p in batch)
+        try:
+            merged = (
+                batch[0].inputs
+                if len(batch) == 1
+                else {
+                    name: np.concatenate([p.inputs[name] for p in batch])
+                    for name in batch[0].inputs
+                }
+            )
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.run_batch, merged
+            )
+            compute = time.monotonic() - started
+            self._record(batch, rows, started, compute)
+            offset = 0
+            for pending in batch:
+                part = {k: v[offset : offset + pending.rows] for k, v in outputs.items()}
+                offset += pending.rows
+                timing = Timing(started - pending.arrival, compute, rows)
+                if not pending.future.done():  # a caller may have gone away
+                    pending.future.set_result((part, timing))
+        except Exception as error:  # the runtime's failure belongs to this batch only
+            self.stats.failed_requests += len(batch)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+        finally:
+            self._running -= 1
+            self._mark_idle_if_done()
+            self._wakeup.set()
+
+    def _record(self, batch: list[_Pending], rows: int, started: float, compute: float) -> None:
+        self.stats.executions += 1
+        self.stats.rows += rows
+        self.stats.batch_rows[rows] += 1
+        if self.observe is not None:
+            self.observe(rows, compute, [started - p.arrival for p in batch])
