@@ -1,16 +1,19 @@
-"""Lower a (collapsed) DLRM to ONNX with a dynamic batch dimension, then check the file."""
+"""Lower a DLRM to ONNX with a dynamic batch dimension, then check the file.
+
+The graph itself is written by export.graph from the model's weights (one builder for
+every variant and size); this module is its entry point for a model in memory and holds
+the structural checks every exported file must pass.
+"""
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
-import torch
 
-from mlet.dlrm import DLRM, ProbabilityModel
+from export.graph import LoweredModel, LoweringOptions, lower_variants
+from export.sources import MemoryWeights
+from mlet.dlrm import DLRM
 from mlet.spec import ExportSpec
 
 # Ops that EmbeddingBag and sequence-style lowerings produce. TensorRT rejects them and
@@ -34,53 +37,25 @@ class ExportError(RuntimeError):
     """An exported artifact failed a check; nothing was written to the repository."""
 
 
-def lower_to_onnx(model: DLRM, spec: ExportSpec, path: Path) -> None:
-    """Write `path` (and its external data file when large) for `model` in eval mode."""
-    model = model.eval()
-    example = {
-        name: torch.from_numpy(value)
-        for name, value in spec.random_inputs(2, np.random.default_rng(0)).items()
-    }
-    batch = torch.export.Dim("batch", min=1, max=spec.max_batch_size)
-    dynamic_shapes = {name: {0: batch} for name in spec.input_names}
-    with warnings.catch_warnings(), _quiet_exporter():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            ProbabilityModel(model),
-            (),
-            kwargs=example,
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_shapes=dynamic_shapes,
-            opset_version=spec.opset,
-            dynamo=True,
-            verbose=False,
-        )
-    program.save(str(path), external_data=_needs_external_data(model))
-
-
-def _needs_external_data(model: DLRM, limit_bytes: int = 1 << 30) -> bool:
-    """Protobuf caps a file at 2 GB; keep large weights beside the graph well before that."""
-    return sum(p.numel() * p.element_size() for p in model.parameters()) > limit_bytes
-
-
-class _quiet_exporter:
-    """Silence the exporter's progress lines; our own progress reporting is enough."""
-
-    def __enter__(self):
-        self.logger = logging.getLogger("torch.onnx")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
+def lower_to_onnx(
+    model: DLRM,
+    spec: ExportSpec,
+    path: Path,
+    variant: str = "fp32",
+    options: LoweringOptions | None = None,
+) -> LoweredModel:
+    """Write `path` (and its external data file when large) for `model`, collapsed."""
+    return lower_variants(MemoryWeights(model), spec, {variant: Path(path)}, options)[variant]
 
 
 def check_onnx(path: Path, spec: ExportSpec) -> list[str]:
     """onnx.checker by path (so external data resolves), plus the graph rules we rely on."""
-    onnx.checker.check_model(str(path), full_check=True)
-    graph = onnx.load(str(path), load_external_data=False).graph
     problems = []
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        problems.append(f"onnx.checker: {e}")
+    graph = onnx.load(str(path), load_external_data=False).graph
     ops = [node.op_type for node in graph.node]
     forbidden = sorted(set(ops) & FORBIDDEN_OPS)
     if forbidden:

@@ -25,13 +25,20 @@ def _tensor(spec: TensorSpec) -> str:
     )
 
 
+PLATFORMS = {"onnxruntime_onnx": "KIND_CPU", "tensorrt_plan": "KIND_GPU"}
+
+
 def render_config(
     name: str,
     spec: ExportSpec,
     platform: str = "onnxruntime_onnx",
     instances: int = 1,
-    kind: str = "KIND_CPU",
+    kind: str | None = None,
 ) -> str:
+    """A config.pbtxt Triton accepts: a TensorRT plan runs on a GPU instance, ONNX on CPU."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {list(PLATFORMS)}, got {platform!r}")
+    kind = kind or PLATFORMS[platform]
     inputs = ",\n".join(_tensor(t) for t in spec.inputs)
     outputs = ",\n".join(_tensor(t) for t in spec.outputs)
     preferred = ", ".join(str(b) for b in spec.preferred_batch_sizes)

@@ -42,12 +42,39 @@ def read_json(path: str | Path) -> Any:
 
 
 def new_staging_directory(final: str | Path) -> Path:
-    """An empty hidden folder beside `final`, on the same file system so renames are atomic."""
+    """An empty hidden folder beside `final`, on the same file system so renames are atomic.
+
+    Its name carries this process's id, so that a later writer can remove what a killed
+    one left behind.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    remove_stale_staging(final)
+    prefix = f".{final.name}.{os.getpid()}."
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would survive the rename
     return staging
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_staging(final: Path) -> list[Path]:
+    """Remove staging folders of `final` whose writing process no longer runs."""
+    removed = []
+    for folder in final.parent.glob(f".{final.name}.*.partial"):
+        pid = folder.name[len(final.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not process_is_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def install_directory(staging: Path, final: str | Path, replace: bool = False) -> None:

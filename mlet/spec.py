@@ -21,6 +21,12 @@ if TYPE_CHECKING:  # the server reads specs without importing torch
 OPSET = 18
 DEFAULT_MAX_BATCH = 4096
 DEFAULT_PREFERRED_BATCHES = (64, 256, 1024)
+# Largest max abs difference of probabilities between an exported variant and PyTorch on
+# the same inputs. fp32 and int8 are compared with PyTorch running the very weights the
+# graph holds (int8: its dequantized rows), so only float32 rounding separates them; fp16
+# is compared with float32 PyTorch and carries float16 rounding of weights and activations
+# (about 5e-4 on the demo models).
+VARIANT_TOLERANCES = {"fp32": 1e-4, "int8": 1e-4, "fp16": 5e-3}
 # KServe v2 datatype names and the NumPy dtypes they carry.
 DATATYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
 
@@ -75,6 +81,10 @@ class ExportSpec:
             sparse_spec.name: sparse.astype(sparse_spec.dtype),
         }
 
+    def batch_profile(self) -> tuple[int, int, int]:
+        """(min, opt, max) batch of a TensorRT optimization profile: opt is a typical batch."""
+        return 1, max(self.preferred_batch_sizes), self.max_batch_size
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -90,7 +100,13 @@ class ExportSpec:
         return cls(**data)
 
 
-def spec_for(config: DLRMConfig, max_batch_size: int = DEFAULT_MAX_BATCH) -> ExportSpec:
+def spec_for(
+    config: DLRMConfig, max_batch_size: int = DEFAULT_MAX_BATCH, variant: str = "fp32"
+) -> ExportSpec:
+    if max_batch_size < 1:
+        raise ValueError(f"max batch size must be positive, got {max_batch_size}")
+    if variant not in VARIANT_TOLERANCES:
+        raise ValueError(f"variant must be one of {list(VARIANT_TOLERANCES)}, got {variant!r}")
     tables = len(config.tables)
     sparse_shape = (tables,) if config.hotness == 1 else (tables, config.hotness)
     preferred = tuple(b for b in DEFAULT_PREFERRED_BATCHES if b <= max_batch_size)
@@ -104,4 +120,5 @@ def spec_for(config: DLRMConfig, max_batch_size: int = DEFAULT_MAX_BATCH) -> Exp
         table_names=tuple(t.name for t in config.tables),
         max_batch_size=max_batch_size,
         preferred_batch_sizes=preferred or (max_batch_size,),
+        tolerance=VARIANT_TOLERANCES[variant],
     )
