@@ -84,7 +84,11 @@ class MultiLayerEmbedding(nn.Module):
     """W1 (N x K) then W2 (K -> D, no bias, no activation).
 
     Initialisation follows the paper: W1 uniform in +-sqrt(1/N), W2 normal with std 0.25.
+    In training, each distinct id of a batch is looked up and projected once
+    (`deduplicate_rows`; the result is the same function).
     """
+
+    deduplicate_rows: bool = True
 
     def __init__(self, config: TableConfig, sparse: bool = True, projection_std: float = 0.25):
         super().__init__()
@@ -99,7 +103,19 @@ class MultiLayerEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B] or [B, H] -> [B, D]; pooling before the projection is exact and cheaper."""
+        if self.deduplicate_rows and self.training and torch.is_grad_enabled():
+            return self._forward_unique_rows(ids)
         return self.projection(_pool(self.table(ids), ids))
+
+    def _forward_unique_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The same function, projecting each distinct id once.
+
+        Skewed ids repeat within a batch, so looking up and projecting the U distinct rows
+        and then gathering [B, D] makes the K-wide work (lookup, projection, the sparse
+        gradient of W1 and its optimizer step) scale with U instead of B.
+        """
+        unique, inverse = torch.unique(ids, return_inverse=True)  # [U], like ids
+        return _pool(self.projection(self.table(unique))[inverse], ids)
 
     def collapse(self, block_rows: int = 65536) -> torch.Tensor:
         """E = W1 @ W2 computed in float64, returned as float32 [N, D].

@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from mlet.data.dataset import load_dataset
+from mlet.embeddings import MultiLayerEmbedding, TableConfig
 from mlet.run import load_run
 from tests.conftest import tiny_train_config
-from train.trainer import TrainConfig, make_optimizer, train_model, train_run
+from train.sparse_adagrad import adagrad_with_row_sparse_tables
+from train.trainer import TrainConfig, build_model, make_optimizer, train_model, train_run
 
 
 def test_run_folder_holds_config_weights_and_metrics(tiny_runs):
@@ -94,3 +96,119 @@ def test_predictions_cover_every_row(tiny_data):
     result = train_model(load_dataset(tiny_data), tiny_train_config())
     assert sum(result.metrics["split_rows"].values()) == 4000
     assert np.isfinite(result.metrics["test"]["logloss"])
+
+
+def train_steps(model, config, batches):
+    optimizer = make_optimizer(model, config)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for dense, sparse, labels in batches:
+        loss = loss_fn(model(dense, sparse).squeeze(1), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+@pytest.mark.parametrize("embedding, hidden", [("full", None), ("mlet", 16)])
+def test_sparse_updates_equal_dense_updates(tiny_data, optimizer, embedding, hidden):
+    dataset = load_dataset(tiny_data)
+    options = dict(embedding=embedding, hidden=hidden, optimizer=optimizer, lr=0.05)
+    sparse_config = tiny_train_config(**options)
+    dense_config = tiny_train_config(**options, sparse=False)
+    torch.manual_seed(0)
+    sparse_model = build_model(dataset, sparse_config)
+    dense_model = build_model(dataset, dense_config)
+    dense_model.load_state_dict(sparse_model.state_dict())
+    initial = {k: v.clone() for k, v in sparse_model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(6):
+        index = rng.integers(0, 3000, 32)
+        batches.append(
+            (
+                torch.from_numpy(np.asarray(dataset.dense[index])),
+                torch.from_numpy(np.asarray(dataset.sparse[index], dtype=np.int64)),
+                torch.from_numpy(np.asarray(dataset.labels[index], dtype=np.float32)),
+            )
+        )
+    train_steps(sparse_model.train(), sparse_config, batches)
+    train_steps(dense_model.train(), dense_config, batches)
+    assert sparse_model.embeddings.tables[2].table.weight.grad.is_sparse
+    assert not dense_model.embeddings.tables[2].table.weight.grad.is_sparse
+    for name, value in sparse_model.state_dict().items():
+        torch.testing.assert_close(value, dense_model.state_dict()[name], rtol=1e-5, atol=1e-6)
+    # rows no batch touched keep their initial values in both
+    touched = torch.cat([b[1][:, 2] for b in batches]).unique()
+    untouched = torch.ones(120, dtype=torch.bool)
+    untouched[touched] = False
+    weight = sparse_model.embeddings.tables[2].table.weight.detach()
+    assert untouched.any()
+    assert torch.equal(weight[untouched], initial["embeddings.tables.2.table.weight"][untouched])
+    assert not torch.equal(weight[touched], initial["embeddings.tables.2.table.weight"][touched])
+
+
+def test_mlet_unique_row_forward_is_the_same_function_and_gradient():
+    torch.manual_seed(0)
+    table = MultiLayerEmbedding(TableConfig("C1", rows=30, dim=3, hidden=8))
+    ids = torch.tensor([[4, 4, 7], [7, 29, 4]])  # repeated ids, multi-hot
+    table.train()
+    deduplicated = table(ids)
+    deduplicated.square().sum().backward()
+    grad_dedup = table.table.weight.grad.to_dense().clone()
+    projection_dedup = table.projection.weight.grad.clone()
+    table.zero_grad()
+    table.deduplicate_rows = False
+    plain = table(ids)
+    plain.square().sum().backward()
+    torch.testing.assert_close(deduplicated, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_dedup, table.table.weight.grad.to_dense(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(projection_dedup, table.projection.weight.grad, rtol=0, atol=1e-6)
+
+
+def test_normal_table_initialisation_is_the_contrast(tiny_data):
+    dataset = load_dataset(tiny_data)
+    torch.manual_seed(0)
+    paper = build_model(dataset, tiny_train_config())
+    normal = build_model(dataset, tiny_train_config(table_init="normal", table_init_std=1.0))
+    big = normal.embeddings.tables[2].table.weight  # 120 rows
+    assert 0.8 < big.std().item() < 1.2
+    assert paper.embeddings.tables[2].table.weight.abs().max() <= (1 / 120) ** 0.5
+    with pytest.raises(ValueError, match="table_init must be one of"):
+        TrainConfig(table_init="xavier")
+
+
+def test_train_result_keeps_test_probabilities(tiny_data):
+    result = train_model(load_dataset(tiny_data), tiny_train_config())
+    assert result.test_probabilities.shape == (400,)
+    assert ((result.test_probabilities > 0) & (result.test_probabilities < 1)).all()
+
+
+@pytest.mark.parametrize("embedding, hidden", [("full", None), ("mlet", 16)])
+def test_row_sparse_adagrad_matches_torch_adagrad(tiny_data, embedding, hidden):
+    dataset = load_dataset(tiny_data)
+    config = tiny_train_config(embedding=embedding, hidden=hidden, lr=0.05)
+    torch.manual_seed(0)
+    reference = build_model(dataset, config)
+    fast = build_model(dataset, config)
+    fast.load_state_dict(reference.state_dict())
+    rng = np.random.default_rng(1)
+    index = [rng.integers(0, 3000, 32) for _ in range(5)]
+    batches = [
+        (
+            torch.from_numpy(np.asarray(dataset.dense[i])),
+            torch.from_numpy(np.asarray(dataset.sparse[i], dtype=np.int64)),
+            torch.from_numpy(np.asarray(dataset.labels[i], dtype=np.float32)),
+        )
+        for i in index
+    ]
+    train_steps(reference.train(), config, batches)
+    optimizer = adagrad_with_row_sparse_tables(fast.train(), lr=0.05)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for dense, sparse, labels in batches:
+        loss = loss_fn(fast(dense, sparse).squeeze(1), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[name], value, rtol=1e-5, atol=1e-6)

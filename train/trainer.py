@@ -27,6 +27,9 @@ from mlet.metrics import classification_metrics
 from mlet.run import software_versions, write_run
 
 OPTIMIZERS = ("adagrad", "sgd")
+# "paper": tables uniform in +-sqrt(1/N) (DLRM's and the MLET paper's); "normal": tables
+# N(0, table_init_std^2), the badly scaled contrast that trains slowly and flatters MLET.
+TABLE_INITS = ("paper", "normal")
 IN_MEMORY_LIMIT_BYTES = 4 << 30
 
 
@@ -47,6 +50,9 @@ class TrainConfig:
     test_fraction: float = 0.1
     eval_batch_size: int = 16384
     max_steps_per_epoch: int | None = None
+    table_init: str = "paper"
+    table_init_std: float = 1.0
+    sparse: bool = True  # sparse table gradients (row-sparse updates); False for dense ones
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -54,6 +60,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.table_init not in TABLE_INITS:
+            raise ValueError(f"table_init must be one of {TABLE_INITS}, got {self.table_init!r}")
+        if self.table_init_std <= 0:
+            raise ValueError(f"table_init_std must be positive, got {self.table_init_std}")
         for name in ("dim", "batch_size", "epochs", "patience", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -66,6 +76,7 @@ class TrainResult:
     model: DLRM
     metrics: dict
     history: list[dict] = field(default_factory=list)
+    test_probabilities: np.ndarray | None = None  # [test rows], in row order
 
 
 def resolve_device(device: str) -> torch.device:
@@ -90,6 +101,16 @@ def model_config_for(dataset: Dataset, config: TrainConfig) -> DLRMConfig:
         dense_transform=schema.dense_transform,
         hotness=schema.hotness,
     )
+
+
+def build_model(dataset: Dataset, config: TrainConfig) -> DLRM:
+    """The model to train, with the configured table initialisation (seed first)."""
+    model = DLRM(model_config_for(dataset, config), sparse=config.sparse)
+    if config.table_init == "normal":
+        with torch.no_grad():
+            for table in model.embeddings.tables:
+                nn.init.normal_(table.table.weight, std=config.table_init_std)
+    return model
 
 
 def make_optimizer(model: DLRM, config: TrainConfig) -> torch.optim.Optimizer:
@@ -158,7 +179,7 @@ def train_model(dataset: Dataset, config: TrainConfig) -> TrainResult:
     split = split_rows(len(dataset), config.val_fraction, config.test_fraction)
     train, val, test = (Batches(dataset, r) for r in (split.train, split.val, split.test))
 
-    model = DLRM(model_config_for(dataset, config), sparse=True).to(device)
+    model = build_model(dataset, config).to(device)
     optimizer = make_optimizer(model, config)
     loss_fn = nn.BCEWithLogitsLoss()
     steps_per_epoch = -(-len(train) // config.batch_size)
@@ -219,9 +240,10 @@ def train_model(dataset: Dataset, config: TrainConfig) -> TrainResult:
                 break
 
     model.load_state_dict(best_state)
+    test_probabilities = predict(model, test, config.eval_batch_size, device)
     metrics = {
         "val": evaluate(model, val, config.eval_batch_size, device),
-        "test": evaluate(model, test, config.eval_batch_size, device),
+        "test": classification_metrics(np.asarray(test.labels), test_probabilities),
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "train_seconds": train_seconds,
@@ -236,7 +258,9 @@ def train_model(dataset: Dataset, config: TrainConfig) -> TrainResult:
         "split_rows": {"train": len(train), "val": len(val), "test": len(test)},
         "history": history,
     }
-    return TrainResult(model=model, metrics=metrics, history=history)
+    return TrainResult(
+        model=model, metrics=metrics, history=history, test_probabilities=test_probabilities
+    )
 
 
 def train_run(

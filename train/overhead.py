@@ -1,0 +1,203 @@
+"""Training step time of MLET against full tables, measured side by side in one process.
+
+Every variant trains on the same pre-drawn batches; variants take turns in rounds so that
+a change in machine load falls on all of them alike, and each figure is the median over
+rounds of the mean step time (forward, backward, optimizer step, timed separately).
+Ratios are against the full table of the same width and the full table of equal accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlet.data.dataset import Dataset, split_rows
+from mlet.embeddings import MultiLayerEmbedding
+from train.sparse_adagrad import adagrad_with_row_sparse_tables
+from train.trainer import Batches, TrainConfig, build_model, make_optimizer, resolve_device
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    dim: int = 4
+    hidden: tuple[int, ...] = (16, 32, 64, 128)
+    equal_accuracy_dim: int | None = None  # the full width as accurate as MLET at `dim`
+    batch_size: int = 512
+    steps: int = 50
+    rounds: int = 5
+    warmup_steps: int = 10
+    device: str = "cpu"
+    threads: int = 0
+    with_dense_gradients: bool = True  # also time dense table gradients (no row sparsity)
+    with_row_sparse_adagrad: bool = True  # also time train.sparse_adagrad's table updates
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    embedding: str
+    dim: int
+    hidden: int | None = None
+    sparse: bool = True
+    deduplicate: bool = True
+    row_sparse_adagrad: bool = False  # train.sparse_adagrad instead of torch's sparse path
+
+
+def variants(config: OverheadConfig) -> list[Variant]:
+    d, widest = config.dim, max(config.hidden)
+    found = [Variant(f"full d={d}", "full", d)]
+    found += [Variant(f"mlet d={d} k={k}", "mlet", d, k) for k in config.hidden]
+    found.append(
+        Variant(f"mlet d={d} k={widest}, no row dedup", "mlet", d, widest, deduplicate=False)
+    )
+    if config.equal_accuracy_dim and config.equal_accuracy_dim != d:
+        found.append(
+            Variant(f"full d={config.equal_accuracy_dim}", "full", config.equal_accuracy_dim)
+        )
+    if config.with_row_sparse_adagrad:
+        found.append(Variant(f"full d={d}, row-sparse Adagrad", "full", d, row_sparse_adagrad=True))
+        if config.equal_accuracy_dim and config.equal_accuracy_dim != d:
+            equal = config.equal_accuracy_dim
+            found.append(
+                Variant(
+                    f"full d={equal}, row-sparse Adagrad", "full", equal, row_sparse_adagrad=True
+                )
+            )
+        found += [
+            Variant(f"mlet d={d} k={k}, row-sparse Adagrad", "mlet", d, k, row_sparse_adagrad=True)
+            for k in config.hidden
+        ]
+    if config.with_dense_gradients:
+        found.append(Variant(f"full d={d}, dense gradients", "full", d, sparse=False))
+        found.append(
+            Variant(f"mlet d={d} k={widest}, dense gradients", "mlet", d, widest, sparse=False)
+        )
+    return found
+
+
+class Timed:
+    """A model, its optimizer and accumulated forward/backward/step seconds."""
+
+    def __init__(self, dataset: Dataset, variant: Variant, device: torch.device) -> None:
+        config = TrainConfig(
+            embedding=variant.embedding,
+            dim=variant.dim,
+            hidden=variant.hidden,
+            sparse=variant.sparse,
+        )
+        torch.manual_seed(0)
+        self.variant = variant
+        self.model = build_model(dataset, config).to(device).train()
+        for table in self.model.embeddings.tables:
+            if isinstance(table, MultiLayerEmbedding):
+                table.deduplicate_rows = variant.deduplicate  # instance attribute: this model only
+        if variant.row_sparse_adagrad:
+            self.optimizer = adagrad_with_row_sparse_tables(self.model, config.lr)
+        else:
+            self.optimizer = make_optimizer(self.model, config)
+        self.loss = nn.BCEWithLogitsLoss()
+        self.device = device
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def run(self, batches: list) -> np.ndarray:
+        """Mean seconds per step of (forward, backward, optimizer step) over `batches`."""
+        totals = np.zeros(3)
+        for dense, sparse, labels in batches:
+            t0 = self._sync()
+            loss = self.loss(self.model(dense, sparse).squeeze(1), labels)
+            t1 = self._sync()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t2 = self._sync()
+            self.optimizer.step()
+            t3 = self._sync()
+            totals += (t1 - t0, t2 - t1, t3 - t2)
+        return totals / len(batches)
+
+
+def measure_overhead(dataset: Dataset, config: OverheadConfig) -> dict:
+    """Step times of every variant and their ratios to the full tables."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    device = resolve_device(config.device)
+    split = split_rows(len(dataset))
+    train = Batches(dataset, split.train)
+    rng = np.random.default_rng(0)
+    batches = [
+        train.take(rng.integers(0, len(train), config.batch_size), device)
+        for _ in range(config.steps)
+    ]
+    timed = [Timed(dataset, v, device) for v in variants(config)]
+    for t in timed:
+        t.run(batches[: config.warmup_steps])
+    samples = {t.variant.label: [] for t in timed}
+    for _ in range(config.rounds):
+        for t in timed:
+            samples[t.variant.label].append(t.run(batches))
+    rows = []
+    for t in timed:
+        parts = np.median(np.array(samples[t.variant.label]), axis=0)
+        rows.append(
+            {
+                **asdict(t.variant),
+                "forward_ms": parts[0] * 1e3,
+                "backward_ms": parts[1] * 1e3,
+                "step_ms": parts[2] * 1e3,
+                "total_ms": parts.sum() * 1e3,
+            }
+        )
+    add_ratios(rows, config)
+    return {
+        "config": asdict(config),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+
+
+def add_ratios(rows: list[dict], config: OverheadConfig) -> None:
+    """Ratios to the full tables trained the same way (same optimizer, same gradients)."""
+    by_label = {r["label"]: r for r in rows}
+    for row in rows:
+        suffix = ""
+        if row["row_sparse_adagrad"]:
+            suffix = ", row-sparse Adagrad"
+        elif not row["sparse"]:
+            suffix = ", dense gradients"
+        same = by_label[f"full d={config.dim}{suffix}"]["total_ms"]
+        equal = by_label.get(f"full d={config.equal_accuracy_dim}{suffix}")
+        row["vs_full_same_dim"] = row["total_ms"] / same
+        row["vs_full_equal_accuracy"] = row["total_ms"] / equal["total_ms"] if equal else None
+
+
+def overhead_table(result: dict) -> str:
+    """The figures as a Markdown table."""
+    equal = result["config"]["equal_accuracy_dim"]
+    lines = [
+        f"Device: {result['device_name']} ({result['device']}), torch threads "
+        f"{result['torch_threads']}, batch {result['config']['batch_size']}, median of "
+        f"{result['config']['rounds']} rounds of {result['config']['steps']} steps. Ratios "
+        "are to the full table trained the same way (optimizer, gradient kind).",
+        "",
+        "| variant | forward ms | backward ms | optimizer ms | step ms | vs full same d | "
+        f"vs full d={equal or '-'} |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        vs_equal = f"{r['vs_full_equal_accuracy']:.2f}x" if r["vs_full_equal_accuracy"] else "-"
+        lines.append(
+            f"| {r['label']} | {r['forward_ms']:.2f} | {r['backward_ms']:.2f} | "
+            f"{r['step_ms']:.2f} | {r['total_ms']:.2f} | {r['vs_full_same_dim']:.2f}x | "
+            f"{vs_equal} |"
+        )
+    return "\n".join(lines) + "\n"

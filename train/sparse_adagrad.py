@@ -1,0 +1,69 @@
+"""Adagrad for embedding tables with row-sparse gradients, in a few dense index operations.
+
+The same update as torch.optim.Adagrad (no weight decay, no lr decay, initial accumulator
+0): for each touched row r, sum[r] += g[r]^2 and w[r] -= lr * g[r] / (sqrt(sum[r]) + eps).
+torch's sparse path builds several sparse tensors per table and step (coalesce, pow,
+sparse_mask, division); on CPU with many small tables that bookkeeping, not the
+arithmetic, is most of a training step. Here each table's step is a coalesce and a
+handful of index_select / index_add_ calls on the touched rows only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowSparseAdagrad(torch.optim.Optimizer):
+    """Adagrad over parameters whose gradients are sparse along the first dimension."""
+
+    def __init__(self, params, lr: float = 0.01, eps: float = 1e-10) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group["lr"], group["eps"])
+        return loss
+
+    def _update(self, param: torch.Tensor, lr: float, eps: float) -> None:
+        state = self.state[param]
+        if "sum" not in state:
+            state["sum"] = torch.zeros_like(param)
+        grad = param.grad
+        if not grad.is_sparse:
+            state["sum"].addcmul_(grad, grad)
+            param.addcdiv_(grad, state["sum"].sqrt().add_(eps), value=-lr)
+            return
+        grad = grad.coalesce()  # one row per id, duplicates summed
+        rows, values = grad.indices()[0], grad.values()  # [U], [U, D]
+        sums = state["sum"].index_select(0, rows).addcmul_(values, values)
+        state["sum"].index_copy_(0, rows, sums)
+        param.index_add_(0, rows, values / sums.sqrt_().add_(eps), alpha=-lr)
+
+
+class Optimizers:
+    """Several optimizers stepped as one (tables and the dense rest)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def adagrad_with_row_sparse_tables(model: torch.nn.Module, lr: float) -> Optimizers:
+    """RowSparseAdagrad for the tables, torch's Adagrad for the rest, one learning rate."""
+    tables = [p for n, p in model.named_parameters() if n.endswith("table.weight")]
+    table_ids = {id(p) for p in tables}
+    rest = [p for p in model.parameters() if id(p) not in table_ids]
+    return Optimizers(RowSparseAdagrad(tables, lr=lr), torch.optim.Adagrad(rest, lr=lr))
