@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean movielens
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP) $(BROWSER)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# MovieLens-100k from RecBole's wheel on the package index (the only network used); only
+# its three ml-100k files are read, recbole itself is not installed.
+movielens: $(STAMP)
+	rm -rf data/.recbole && mkdir -p data/.recbole
+	$(BIN)/pip download --no-deps --quiet --dest data/.recbole recbole
+	$(BIN)/mlet data movielens data/.recbole/recbole-*.whl --out data/movielens --overwrite
+	rm -rf data/.recbole
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -50,6 +50,32 @@ def cmd_data_criteo(args: argparse.Namespace) -> None:
     print(f"wrote {schema.rows:,} rows to {args.out}")
 
 
+def cmd_data_movielens(args: argparse.Namespace) -> None:
+    from mlet.data.movielens import convert
+
+    schema = convert(args.source, args.out, split=args.split, overwrite=args.overwrite)
+    print(
+        f"wrote {schema.rows:,} rows to {args.out} ({schema.source['layout']} files, "
+        f"positive rate {schema.source['positive_rate']:.3f}, split {args.split})"
+    )
+
+
+GRID_OPTIONS = ("full_dims", "mlet_dims", "mlet_hidden", "svd_dims", "contrast_dims")
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from train.study_command import StudyCommand, run_study_command
+
+    fields = ("data", "out", "quick", "seeds", "regimes", "max_rows", "workers", "threads")
+    options = {name: getattr(args, name) for name in fields}
+    grid = {name: getattr(args, name) for name in GRID_OPTIONS}
+    command = StudyCommand(
+        **options, device=args.device, stage=args.stage, title=args.title, grid=grid
+    )
+    report = run_study_command(command)
+    print(f"report: {report}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from train.trainer import TrainConfig, train_run
 
@@ -75,16 +101,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from export.exporter import ExportConfig, export_run
+    from export.exporter import ExportConfig, export_variants, result_line
 
-    config = ExportConfig(name=args.name, max_batch_size=args.max_batch_size, replace=args.replace)
-    result = export_run(args.run, args.repo, config)
-    parity = result.manifest["parity"]
-    print(
-        f"{result.status} {result.path}: collapse max abs diff "
-        f"{parity['collapse_max_abs_diff']:.2e}, ONNX Runtime max abs diff "
-        f"{parity['onnxruntime_max_abs_diff']:.2e}, {result.manifest['model_bytes']:,} bytes"
+    config = ExportConfig(
+        name=args.name,
+        max_batch_size=args.max_batch_size,
+        replace=args.replace,
+        variants=tuple(args.variants),
+        max_auc_loss=args.max_auc_loss,
+        external_data_bytes=args.external_data_bytes,
     )
+    report = export_variants(args.run, args.repo, config, log=print)
+    for result in report.results:
+        print(result_line(result))
+    for variant, reason in report.skipped.items():
+        print(f"skipped {variant}: {reason}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -131,13 +162,87 @@ def named_run(text: str) -> tuple[str, Path]:
 
 
 def cmd_bench_load(args: argparse.Namespace) -> None:
+    if args.sweep:
+        from bench.sweep import SweepConfig, run_sweep
+        from mlet.files import write_json
+
+        config = SweepConfig(duration=args.duration, repetitions=args.repetitions,
+                             locust_processes=args.locust_processes)  # fmt: skip
+        summaries = run_sweep(args.repo, args.models, config, Path(args.out) / "locust")
+        write_json(Path(args.out) / "sweep.json", summaries)
+        print(f"wrote {Path(args.out) / 'sweep.json'}")
+        return
     from bench.load import LoadConfig, run_load
 
     config = LoadConfig(
-        users=args.users, duration=args.duration, rows=args.rows, binary=args.binary
+        users=args.users,
+        duration=args.duration,
+        rows=args.rows,
+        binary=args.binary,
+        locust_processes=args.locust_processes,
     )
     run_load(args.repo, args.models, config, args.out)
     print((Path(args.out) / "summary.md").read_text())
+
+
+def compare_config(args: argparse.Namespace):
+    from bench.compare import CompareConfig
+    from bench.micro import MicroConfig
+    from bench.sweep import SweepConfig
+
+    roles = {args.baseline: "baseline"} if args.baseline else {}
+    for name in args.compressed or []:
+        roles[name] = "compressed"
+    for name in args.same_width or []:
+        roles[name] = "same width"
+    quick = args.quick
+    micro = MicroConfig(
+        repetitions=args.repetitions,
+        min_seconds=0.2 if quick else 1.0,
+        batch_sizes=(1, 64, 1024) if quick else MicroConfig.batch_sizes,
+    )
+    sweep = SweepConfig(
+        duration=args.duration,
+        repetitions=args.repetitions,
+        locust_processes=args.locust_processes,
+    )
+    return CompareConfig(micro=micro, sweep=sweep, roles=roles, torch_runs=tuple(args.torch_run))
+
+
+def cmd_bench_run(args: argparse.Namespace) -> None:
+    from bench.compare import default_results_folder, run_comparison
+
+    out = Path(args.out) if args.out else default_results_folder()
+    report = run_comparison(args.repo, args.models, compare_config(args), out)
+    print((out / "report.md").read_text().split("## ")[0])
+    print(f"report: {report}")
+
+
+def cmd_bench_micro(args: argparse.Namespace) -> None:
+    from bench.environment import environment
+    from bench.micro import Target, run_micro
+    from mlet.files import write_json
+
+    config = compare_config(args)
+    targets = [Target(m, Path(args.repo) / m) for m in args.models]
+    targets += [Target(name, path, "pytorch") for name, path in args.torch_run]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "environment.json", environment({"micro": str(config.micro)}))
+    results = run_micro(targets, config.micro)
+    write_json(out / "micro.json", results)
+    for m in results:
+        for t in m["timings"]:
+            p50, p99, rows = (t[k]["median"] for k in ("p50_ms", "p99_ms", "rows_per_s"))
+            print(f"{m['name']:>20} batch {t['batch']:>5}: p50 {p50:.3f} ms, p99 {p99:.3f} ms, "
+                  f"{rows:,.0f} rows/s")  # fmt: skip
+
+
+def cmd_bench_report(args: argparse.Namespace) -> None:
+    from bench.report import build_report
+
+    md, page = build_report(args.results)
+    print(f"wrote {md} and {page}")
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
@@ -152,6 +257,23 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     )
     run_serve_bench(args.repo, args.model, config, args.out)
     print((Path(args.out) / "serve.md").read_text())
+
+
+def cmd_bench_export(args: argparse.Namespace) -> None:
+    from bench.export_bench import ExportBenchConfig, run_export_bench
+
+    config = ExportBenchConfig(variants=tuple(args.variants), keep=args.keep)
+    if args.work:
+        config.work = Path(args.work)
+    run_export_bench(config, Path(args.out))
+    print((Path(args.out) / "export.md").read_text())
+
+
+def cmd_bench_int8_mlp(args: argparse.Namespace) -> None:
+    from bench.export_bench import run_int8_mlp_bench
+
+    run_int8_mlp_bench(Path(args.repo), args.model, Path(args.out))
+    print((Path(args.out) / "int8_mlp.md").read_text())
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -186,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     criteo.add_argument("--overwrite", action="store_true")
     criteo.set_defaults(handler=cmd_data_criteo)
 
+    movielens = data.add_parser("movielens", help="MovieLens-100k as click prediction")
+    movielens.add_argument(
+        "source", help="folder with u.data/u.user/u.item or ml-100k.*, or RecBole's wheel"
+    )
+    movielens.add_argument("--out", required=True, help="dataset folder to create")
+    movielens.add_argument("--split", choices=["user-recent", "time"], default="user-recent")
+    movielens.add_argument("--overwrite", action="store_true")
+    movielens.set_defaults(handler=cmd_data_movielens)
+
     train = stages.add_parser("train", help="train a DLRM and write a run folder")
     train.add_argument("--data", required=True, help="dataset folder")
     train.add_argument("--out", required=True, help="run folder to create, e.g. runs/NAME")
@@ -203,12 +334,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true")
     train.set_defaults(handler=cmd_train)
 
+    study = stages.add_parser("study", help="accuracy against embedding size: the MLET study")
+    study.add_argument("--data", required=True, help="dataset folder")
+    study.add_argument("--out", help="study folder (default results/study-<data folder>)")
+    study.add_argument("--quick", action="store_true", help="the small grid (minutes)")
+    study.add_argument("--seeds", type=int_list, help="seeds (default 0,1,2)")
+    study.add_argument("--regimes", type=name_list, help="one-pass,tuned (default both)")
+    study.add_argument("--max-rows", type=int, help="use the first N rows (0: all)")
+    study.add_argument("--workers", type=int, default=1, help="cells trained in parallel")
+    study.add_argument("--threads", type=int, default=0, help="torch threads per worker")
+    study.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    study.add_argument("--stage", choices=["all", "grid", "overhead", "report"], default="all")
+    study.add_argument("--title", help="name used in the report and plots")
+    for name in GRID_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        study.add_argument(flag, type=int_list, help=f"a subset of the grid's {name}")
+    study.set_defaults(handler=cmd_study)
+
     export = stages.add_parser("export", help="collapse, lower to ONNX, write a model folder")
     export.add_argument("run", help="run folder written by `mlet train`")
     export.add_argument("--repo", required=True, help="model repository (Triton layout)")
     export.add_argument("--name", help="model name (default: the run folder's name)")
     export.add_argument("--max-batch-size", type=int, default=4096)
     export.add_argument("--replace", action="store_true", help="replace a different model")
+    export.add_argument(
+        "--variants", type=name_list, default=["fp32"],
+        help="fp32,fp16,int8,trt,trt-fp16: each becomes a model NAME[-VARIANT]",
+    )  # fmt: skip
+    export.add_argument(
+        "--max-auc-loss", type=float, default=0.001, help="refuse a variant losing more test AUC"
+    )
+    export.add_argument(
+        "--external-data-bytes", type=int, default=64 << 20,
+        help="weights beyond this go to model.onnx.data, which ONNX Runtime maps",
+    )  # fmt: skip
     export.set_defaults(handler=cmd_export)
 
     serve = stages.add_parser("serve", help="serve a model repository (KServe v2 over HTTP)")
@@ -256,8 +415,38 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=float, default=10.0, help="seconds per model")
     load.add_argument("--rows", type=int, default=1, help="rows per request")
     load.add_argument("--binary", action="store_true", help="binary tensor extension")
+    load.add_argument("--sweep", action="store_true", help="step the users until saturation")
+    load.add_argument("--repetitions", type=int, default=3, help="sweep repetitions")
+    load.add_argument("--locust-processes", type=int, default=1, help="Locust worker processes")
     load.add_argument("--out", required=True, help="results folder")
     load.set_defaults(handler=cmd_bench_load)
+
+    def comparison_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--repo", required=True)
+        command.add_argument("--models", type=name_list, required=True)
+        command.add_argument("--baseline", help="model the others are compared with")
+        command.add_argument("--compressed", type=name_list, help="models marked compressed")
+        command.add_argument("--same-width", type=name_list, help="full tables at MLET's width")
+        command.add_argument("--torch-run", type=named_run, action="append", default=[],
+                             metavar="NAME=RUN", help="also time a run in PyTorch")  # fmt: skip
+        command.add_argument("--repetitions", type=int, default=3)
+        command.add_argument("--duration", type=float, default=8.0, help="seconds per step")
+        command.add_argument("--locust-processes", type=int, default=1)
+        command.add_argument("--quick", action="store_true", help="fewer batch sizes, shorter")
+
+    run = bench.add_parser("run", help="micro-benchmarks, load sweep and report in one run")
+    comparison_options(run)
+    run.add_argument("--out", help="results folder (default results/<UTC time>)")
+    run.set_defaults(handler=cmd_bench_run)
+
+    micro = bench.add_parser("micro", help="in-process latency, throughput and memory")
+    comparison_options(micro)
+    micro.add_argument("--out", required=True)
+    micro.set_defaults(handler=cmd_bench_micro)
+
+    report = bench.add_parser("report", help="report.md and report.html of a results folder")
+    report.add_argument("results", help="folder written by `mlet bench run`")
+    report.set_defaults(handler=cmd_bench_report)
 
     serve_bench = bench.add_parser("serve", help="batching on/off and server vs in-process")
     serve_bench.add_argument("--repo", required=True)
@@ -269,6 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--repetitions", type=int, default=3)
     serve_bench.add_argument("--out", required=True, help="results folder")
     serve_bench.set_defaults(handler=cmd_bench_serve)
+
+    export_bench = bench.add_parser(
+        "export", help="export a Criteo-Kaggle-sized MLET model: time, memory, session load"
+    )
+    export_bench.add_argument("--out", required=True, help="results folder")
+    export_bench.add_argument("--work", help="where the 8.6 GB checkpoint and models go")
+    export_bench.add_argument("--variants", type=name_list, default=["fp32"])
+    export_bench.add_argument("--keep", action="store_true", help="keep checkpoint and models")
+    export_bench.set_defaults(handler=cmd_bench_export)
+
+    int8_mlp = bench.add_parser("int8-mlp", help="int8 model: float32 vs quantized MLPs")
+    int8_mlp.add_argument("--repo", required=True)
+    int8_mlp.add_argument("--model", required=True, help="an int8 variant, e.g. NAME-int8")
+    int8_mlp.add_argument("--out", required=True, help="results folder")
+    int8_mlp.set_defaults(handler=cmd_bench_int8_mlp)
 
     demo = stages.add_parser("demo", help="the whole pipeline on the synthetic default")
     demo.add_argument("--out", default="demo-out")

@@ -1,7 +1,7 @@
 """The main job: the whole pipeline on the built-in synthetic default, with one report.
 
-synthetic data -> full-width baseline (d=16) and MLET (d=4, k=64) trained -> both
-collapsed and exported to ONNX -> both load-tested -> report.md comparing them.
+synthetic data -> full-width baseline (d=16), MLET (d=4, k=64) and a full table at MLET's
+width (d=4) trained -> collapsed and exported to ONNX -> load-tested -> report.md.
 Every step writes its artifact under --out and is skipped when that artifact is already
 there, so an interrupted demo resumes where it stopped.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.load import LoadConfig, run_load
-from export.exporter import ExportConfig, export_run
+from export.exporter import ExportConfig, export_variants
 from mlet.data.dataset import DataSchema
 from mlet.data.synthetic import SyntheticConfig, generate
 from mlet.files import read_json
@@ -29,6 +29,7 @@ class DemoModel:
 
 BASELINE = DemoModel("full-d16", "full", 16)
 COMPRESSED = DemoModel("mlet-d4-k64", "mlet", 4, 64)
+SAME_WIDTH = DemoModel("full-d4", "full", 4)  # the control: a plain table at MLET's width
 
 
 @dataclass
@@ -39,7 +40,8 @@ class DemoConfig:
     epochs: int = 5
     users: int = 16
     duration: float = 15.0
-    models: tuple[DemoModel, ...] = (BASELINE, COMPRESSED)
+    models: tuple[DemoModel, ...] = (BASELINE, COMPRESSED, SAME_WIDTH)
+    variants: tuple[str, ...] = ("fp32", "fp16", "int8")
 
 
 def step(message: str) -> None:
@@ -84,18 +86,45 @@ def run_demo(config: DemoConfig) -> Path:
     data = ensure_data(config)
     runs = {m.name: ensure_run(config, data, m) for m in config.models}
     repo = config.out / "models"
-    manifests = {}
+    manifests, variants = {}, {}
     for name, run in runs.items():
-        step(f"export {name}: collapse, ONNX, parity checks")
-        result = export_run(run, repo, ExportConfig(name=name))
-        manifests[name] = result.manifest
-        print(f"{result.status} {result.path}")
+        step(f"export {name}: collapse, ONNX ({', '.join(config.variants)}), checks")
+        export = ExportConfig(name=name, variants=config.variants)
+        for result in export_variants(run, repo, export).results:
+            variants[result.name] = result.manifest
+            print(f"{result.status} {result.path}")
+        manifests[name] = variants[name]
     step("load test: each model in its own server process")
     load = LoadConfig(users=config.users, duration=config.duration)
     summaries = run_load(repo, list(runs), load, config.out / "results")
     report = config.out / "report.md"
-    report.write_text(demo_report(config, runs, manifests, summaries, load))
+    text = demo_report(config, runs, manifests, summaries, load) + variants_table(variants)
+    report.write_text(text)
     return report
+
+
+def variants_table(manifests: dict[str, dict]) -> str:
+    """Bytes and accuracy of every exported variant against its fp32 export."""
+    rows = []
+    for name, m in manifests.items():
+        accuracy = m.get("accuracy", {})
+        auc_difference = accuracy.get("auc_difference")
+        rows.append(
+            f"| {name} | {m['variant']} | {m['model_bytes']:,} "
+            f"| {m.get('weights', {}).get('table_bytes', 0):,} "
+            f"| {accuracy.get('max_abs_diff', 0.0):.2e} "
+            f"| {'-' if auc_difference is None else f'{auc_difference:+.6f}'} |"
+        )
+    return "\n".join(
+        [
+            "Exported variants, each against its fp32 export on held-out test rows:",
+            "",
+            "| model | variant | bytes | table bytes | max abs diff | AUC difference |",
+            "|---|---|---:|---:|---:|---:|",
+            *rows,
+            "",
+        ]
+    )
 
 
 def demo_report(
@@ -119,14 +148,6 @@ def demo_report(
             f"| {served['requests_per_s']:.1f} | {served['failures']} "
             f"| {served['server_rss_bytes'] / 2**20:.1f} |"
         )
-    base, small = (manifests[m.name] for m in (BASELINE, COMPRESSED))
-    base_auc, small_auc = (
-        read_json(runs[m.name] / "metrics.json")["test"]["auc"] for m in (BASELINE, COMPRESSED)
-    )
-    base_load, small_load = (load_by_model[m.name] for m in (BASELINE, COMPRESSED))
-    embedding_ratio = (
-        base["model"]["embedding_bytes_inference"] / small["model"]["embedding_bytes_inference"]
-    )
     parity = [
         f"| {name} | {m['parity']['collapse_max_abs_diff']:.2e} "
         f"| {m['parity']['onnxruntime_max_abs_diff']:.2e} | {m['parity']['rows']} |"
@@ -145,13 +166,12 @@ def demo_report(
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
-            f"- Embedding bytes: {BASELINE.name} / {COMPRESSED.name} = {embedding_ratio:.2f}x.",
-            f"- ONNX bytes: {base['model_bytes'] / small['model_bytes']:.2f}x.",
-            f"- Test AUC: {COMPRESSED.name} - {BASELINE.name} = {small_auc - base_auc:+.4f}.",
-            f"- Requests/s: {COMPRESSED.name} / {BASELINE.name} = "
-            f"{small_load['requests_per_s'] / base_load['requests_per_s']:.2f}x; p99 "
-            f"{small_load['p99_ms'] / base_load['p99_ms']:.2f}x.",
-            "",
+            *(
+                line
+                for other in config.models
+                if other != COMPRESSED
+                for line in comparison(COMPRESSED.name, other.name, runs, manifests, load_by_model)
+            ),
             "Parity on held-out rows (max abs difference of probabilities):",
             "",
             "| model | collapsed vs trained | ONNX Runtime vs PyTorch | rows |",
@@ -163,3 +183,22 @@ def demo_report(
             "",
         ]
     )
+
+
+def comparison(
+    name: str, other: str, runs: dict, manifests: dict, load_by_model: dict
+) -> list[str]:
+    """Ratios of model `name` against model `other`, as report bullet points."""
+    a, b = manifests[name], manifests[other]
+    auc_a, auc_b = (read_json(runs[m] / "metrics.json")["test"]["auc"] for m in (name, other))
+    load_a, load_b = load_by_model[name], load_by_model[other]
+    embedding = a["model"]["embedding_bytes_inference"], b["model"]["embedding_bytes_inference"]
+    return [
+        f"{name} against {other}:",
+        f"- embedding bytes {embedding[1] / embedding[0]:.2f}x smaller, ONNX file "
+        f"{b['model_bytes'] / a['model_bytes']:.2f}x smaller;",
+        f"- test AUC {auc_a - auc_b:+.4f};",
+        f"- requests/s {load_a['requests_per_s'] / load_b['requests_per_s']:.2f}x, p99 "
+        f"{load_a['p99_ms'] / load_b['p99_ms']:.2f}x.",
+        "",
+    ]

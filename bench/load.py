@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from mlet.files import read_json, write_json
 
@@ -35,12 +37,17 @@ class LoadConfig:
     rows: int = 1
     binary: bool = False
     zipf_exponent: float = 1.05
+    locust_processes: int = 1  # more when the load generator itself saturates
     server_args: tuple[str, ...] = ()  # extra `mlet serve` options, e.g. ("--batching", "off")
     ready_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.users < 1 or self.duration <= 0 or self.rows < 1:
-            raise ValueError("users, duration and rows must be positive")
+        if self.users < 1 or self.rows < 1:
+            raise ValueError("users and rows must be positive")
+        if self.duration < 2:
+            # Locust writes its final statistics on a one-second cadence; shorter runs
+            # can end before any is written.
+            raise ValueError(f"duration must be at least 2 seconds, got {self.duration:g}")
 
 
 def free_port() -> int:
@@ -72,7 +79,7 @@ def running_server(repo: Path, models: list[str], *options: str, timeout: float 
     """
     port = free_port()
     command = [sys.executable, "-m", "cli", "serve", "--repo", str(repo), "--port", str(port)]
-    command += ["--models", ",".join(models), *options]
+    command += [*(["--models", ",".join(models)] if models else []), *options]
     url = f"http://{HOST}:{port}"
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -108,6 +115,8 @@ def run_locust(url: str, model: str, manifest: Path, config: LoadConfig, prefix:
         "-t", f"{config.duration:g}s", "--csv", str(prefix), "--only-summary",
         "--loglevel", "WARNING", "--stop-timeout", "5",
     ]  # fmt: skip
+    if config.locust_processes > 1:
+        command += ["--processes", str(config.locust_processes)]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if not Path(f"{prefix}_stats.csv").is_file():
         raise RuntimeError(
@@ -120,6 +129,8 @@ def read_locust_stats(prefix: Path) -> dict:
     with open(f"{prefix}_stats.csv") as f:
         rows = list(csv.DictReader(f))
     total = next(r for r in rows if r["Name"] == "Aggregated")
+    if int(total["Request Count"]) == 0:
+        raise RuntimeError(f"no request completed in the load run ({prefix}_stats.csv)")
     return {
         "requests": int(total["Request Count"]),
         "failures": int(total["Failure Count"]),
@@ -132,6 +143,66 @@ def read_locust_stats(prefix: Path) -> dict:
     }
 
 
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def scrape_server_metrics(url: str, model: str) -> dict[str, float]:
+    """Sums and counts of the server's queue, compute and batch-rows histograms for a model."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = {"mlet_queue_duration_seconds", "mlet_compute_duration_seconds", "mlet_batch_rows"}
+    values = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        for sample in family.samples:
+            if sample.labels.get("model") == model and sample.name.endswith(("_sum", "_count")):
+                values[sample.name] = sample.value
+    return values
+
+
+def server_side_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean queue and compute time per request/batch, and mean batch rows, over a step."""
+
+    def mean(name: str, scale: float = 1.0) -> float:
+        count = after.get(f"{name}_count", 0) - before.get(f"{name}_count", 0)
+        total = after.get(f"{name}_sum", 0) - before.get(f"{name}_sum", 0)
+        return total / count * scale if count else 0.0
+
+    return {
+        "server_queue_ms": mean("mlet_queue_duration_seconds", 1000),
+        "server_compute_ms": mean("mlet_compute_duration_seconds", 1000),
+        "server_batch_rows": mean("mlet_batch_rows"),
+    }
+
+
+def load_step(
+    url: str, server: psutil.Process, model: str, manifest: Path, config: LoadConfig, prefix: Path
+) -> dict:
+    """One Locust run against a running server, with both sides' CPU and the server's view."""
+    metrics_before = scrape_server_metrics(url, model)
+    server_cpu, client_cpu = sum(server.cpu_times()[:2]), children_cpu_seconds()
+    started = time.monotonic()
+    run_locust(url, model, manifest, config, prefix)
+    elapsed = time.monotonic() - started
+    server_cpu = sum(server.cpu_times()[:2]) - server_cpu
+    client_cpu = children_cpu_seconds() - client_cpu
+    stats = read_locust_stats(prefix)
+    return {
+        **stats,
+        "users": config.users,
+        "rows_per_request": config.rows,
+        "rows_per_s": stats["requests_per_s"] * config.rows,
+        # CPU cores each side kept busy on average; near the core count means saturated
+        "client_cpu_cores": client_cpu / elapsed,
+        "server_cpu_cores": server_cpu / elapsed,
+        **server_side_means(metrics_before, scrape_server_metrics(url, model)),
+        "server_rss_bytes": server.memory_info().rss,
+    }
+
+
 def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
     manifest_path = repo / model / "manifest.json"
     manifest = read_json(manifest_path)
@@ -140,19 +211,13 @@ def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> di
         server,
     ):
         rss_loaded = server.memory_info().rss
-        prefix = out / f"locust-{model}"
-        run_locust(url, model, manifest_path, config, prefix)
-        rss_after = server.memory_info().rss
-    stats = read_locust_stats(prefix)
+        step = load_step(url, server, model, manifest_path, config, out / f"locust-{model}")
     return {
         "model": model,
-        **stats,
-        "rows_per_request": config.rows,
-        "rows_per_s": stats["requests_per_s"] * config.rows,
+        **step,
         "model_bytes": manifest["model_bytes"],
         "embedding_bytes": manifest["model"]["embedding_bytes_inference"],
         "server_rss_loaded_bytes": rss_loaded,
-        "server_rss_bytes": rss_after,
     }
 
 

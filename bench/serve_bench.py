@@ -9,12 +9,13 @@ its spread, so slow drift of the machine hits every configuration alike.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.inprocess import time_onnxruntime
+from bench.inprocess import model_spec, onnxruntime_runner, time_batch
 from bench.load import LoadConfig, load_test_model
+from bench.requests import RequestFactory
+from bench.stats import median_and_spread
 from mlet.files import write_json
 
 
@@ -25,16 +26,6 @@ class ServeBenchConfig:
     large_users: int = 8
     duration: float = 15.0
     repetitions: int = 3
-
-
-def median_and_spread(values: list[float]) -> dict:
-    """Median and relative spread ((max - min) / median) of repeated measurements."""
-    middle = statistics.median(values)
-    return {
-        "median": middle,
-        "spread": (max(values) - min(values)) / middle if middle else 0.0,
-        "values": values,
-    }
 
 
 def run_serve_bench(
@@ -64,7 +55,9 @@ def run_serve_bench(
             folder.mkdir(exist_ok=True)
             runs[name].append(load_test_model(repo, model, load, folder))
             print(f"{name} #{repetition + 1}: {runs[name][-1]['requests_per_s']:.0f} requests/s")
-        inprocess.append(asdict(time_onnxruntime(repo / model, config.large_rows)))
+        runner = onnxruntime_runner(repo / model)
+        factory = RequestFactory(model_spec(repo / model))
+        inprocess.append(asdict(time_batch(runner, factory, config.large_rows, 200)))
     summary = summarise(runs, inprocess)
     report = {"model": model, "config": asdict(config), "summary": summary, "runs": runs,
               "inprocess": inprocess}  # fmt: skip
@@ -103,7 +96,7 @@ def summarise(runs: dict[str, list[dict]], inprocess: list[dict]) -> dict:
 
 def cell(figure: dict, digits: int = 0) -> str:
     """A median with its spread, flagged when the spread passes 10%."""
-    flag = " (noisy)" if figure["spread"] > 0.10 else ""
+    flag = " (noisy)" if figure["noisy"] else ""
     return f"{figure['median']:,.{digits}f} ±{figure['spread']:.0%}{flag}"
 
 

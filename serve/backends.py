@@ -1,6 +1,7 @@
 """Runtimes behind one interface: a backend is built from a model file and runs a batch.
 
 - ONNX Runtime: CPU execution provider, CUDA and TensorRT providers when installed.
+- TensorRT engines (model.plan), where TensorRT and a CUDA device are present.
 - PyTorch eager on a training run folder: the uncompressed model, for comparison.
 Each is imported only when used, so the server never loads torch unless asked to.
 """
@@ -8,6 +9,7 @@ Each is imported only when used, so the server never loads torch unless asked to
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -106,3 +108,22 @@ class TorchBackend:
         with self.torch.inference_mode():
             probability = self.model.probability(dense, sparse)
         return {"probability": probability.numpy()}
+
+
+class TensorRTBackend:
+    """A TensorRT engine; its execution context serves one batch at a time."""
+
+    name = "tensorrt"
+
+    def __init__(self, plan_path: Path) -> None:
+        from mlet.tensorrt import EngineRunner, unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"cannot serve TensorRT engine {plan_path}: {reason}")
+        self.runner = EngineRunner(plan_path)
+        self.lock = threading.Lock()
+
+    def infer(self, inputs: Arrays) -> Arrays:
+        with self.lock:
+            return self.runner.run(inputs)

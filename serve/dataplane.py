@@ -17,7 +17,13 @@ from pathlib import Path
 
 from mlet.files import read_json
 from mlet.spec import ExportSpec
-from serve.backends import Backend, OnnxRuntimeBackend, SessionOptions, TorchBackend
+from serve.backends import (
+    Backend,
+    OnnxRuntimeBackend,
+    SessionOptions,
+    TensorRTBackend,
+    TorchBackend,
+)
 from serve.batcher import (
     BatcherClosedError,
     BatchingConfig,
@@ -163,9 +169,12 @@ class DataPlane:
         model_file = folder / version / Path(manifest["model_file"]).name
         if not model_file.is_file():
             raise FileNotFoundError(f"{model_file} named by the manifest is missing")
-        if platform != "onnxruntime_onnx":
+        if platform == "onnxruntime_onnx":
+            backend = OnnxRuntimeBackend(model_file, self.config.session, batching.instances)
+        elif platform == "tensorrt_plan":
+            backend = TensorRTBackend(model_file)
+        else:
             raise ValueError(f"model '{name}': platform {platform!r} is not served here")
-        backend = OnnxRuntimeBackend(model_file, self.config.session, batching.instances)
         return self._handle(name, version, platform, spec, backend, batching, model_file)
 
     def _torch_handle(self, name: str, run: Path) -> ModelHandle:
@@ -185,18 +194,35 @@ class DataPlane:
         return ModelHandle(name, version, platform, spec, backend, batcher, executor, source)
 
     def load_all(self, only: list[str] | None = None) -> None:
-        """Load the named models (default: all) before serving; any failure is fatal."""
+        """Load models before serving.
+
+        Models asked for by name (`only`, PyTorch runs) must load. Without `only`, a model
+        that cannot load here (a TensorRT engine on a machine without a GPU, say) is
+        skipped with its reason in the repository index, as long as one model loads.
+        """
         known = self.known_models()
-        runs = [name for name, _ in self.config.torch_runs]  # asked for by name: always loaded
-        names = list(known) if only is None else [*only, *(r for r in runs if r not in only)]
-        missing = sorted(set(names) - set(known))
+        runs = [name for name, _ in self.config.torch_runs]
+        required = [*(only or []), *(r for r in runs if r not in (only or []))]
+        missing = sorted(set(required) - set(known))
         if missing:
             raise FileNotFoundError(f"model(s) {missing} not found in repository {self.repo}")
-        if not names:
-            raise FileNotFoundError(f"model repository {self.repo} holds no model")
+        names = required if only is not None else list(known)
         for name in names:
-            self._install(self.build_handle(name))
+            try:
+                self._install(self.build_handle(name))
+            except Exception as e:
+                if name in required:
+                    raise
+                self.failures[name] = str(e)
+                log.warning("skipped model %s: %s", name, e)
+                continue
             log.info("loaded %s (%s)", name, self.models[name].source)
+        if not self.models:
+            reasons = "; ".join(f"{n}: {r}" for n, r in self.failures.items())
+            raise FileNotFoundError(
+                f"model repository {self.repo} holds no model that loads here"
+                + (f" ({reasons})" if reasons else "")
+            )
 
     def _install(self, handle: ModelHandle) -> ModelHandle | None:
         old = self.models.get(handle.name)

@@ -40,6 +40,8 @@ def test_demo_end_to_end_small(tmp_path):
     report = run_demo(config)
     text = report.read_text()
     assert "| full-d16 | full | 16 |" in text and "| mlet-d4-k64 | mlet | 4 | 64 |" in text
-    assert "Embedding bytes: full-d16 / mlet-d4-k64 = 4.00x" in text
+    assert "mlet-d4-k64 against full-d16:\n- embedding bytes 4.00x smaller" in text
+    assert "| full-d4 | full | 4 | - |" in text and "mlet-d4-k64 against full-d4:" in text
+    assert "| mlet-d4-k64-int8 | int8 |" in text and "| mlet-d4-k64-fp16 | fp16 |" in text
     # a second run reuses every artifact and writes the same table
     assert run_demo(config) == report

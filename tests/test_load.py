@@ -1,7 +1,7 @@
 import json
 
 from bench.load import LoadConfig, run_load
-from bench.serve_bench import ServeBenchConfig, median_and_spread, run_serve_bench
+from bench.serve_bench import ServeBenchConfig, run_serve_bench
 
 
 def test_five_second_headless_locust_run_has_no_failures(tiny_repo, tmp_path):
@@ -36,11 +36,3 @@ def test_serve_bench_runs_every_comparison(tiny_repo, tmp_path):
     assert summary["inprocess_rows_per_s"]["values"][0] > 0
     text = (tmp_path / "serve.md").read_text()
     assert "Batching on / off" in text and "server, binary tensors" in text
-
-
-def test_median_and_spread():
-    assert median_and_spread([10.0, 12.0, 11.0]) == {
-        "median": 11.0,
-        "spread": 2.0 / 11.0,
-        "values": [10.0, 12.0, 11.0],
-    }

@@ -215,3 +215,40 @@ def test_pytorch_backend_serves_the_uncollapsed_run(tiny_repo, tiny_runs):
             np.testing.assert_allclose(got, expected, atol=1e-5)
         metadata = json.loads(request(f"{url}/v2/models/mlet-torch")[2])
         assert metadata["platform"] == "pytorch"
+
+
+def test_a_model_that_cannot_load_here_is_skipped_with_its_reason(tiny_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "full", repo / "full")
+    shutil.copytree(tiny_repo / "mlet", repo / "broken")
+    manifest = json.loads((repo / "broken" / "manifest.json").read_text())
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    (repo / "broken" / "manifest.json").write_text(json.dumps({**manifest, "name": "broken"}))
+    with running_server(repo, [], timeout=60) as (url, _):
+        index = {m["name"]: m for m in json.loads(request(f"{url}/v2/repository/index")[2])}
+        assert index["full"]["state"] == "READY"
+        assert index["broken"]["state"] == "UNAVAILABLE" and index["broken"]["reason"]
+        assert infer(url, repo, "full")[0] == 200
+        assert infer(url, repo, "broken", spec_from="full")[0] == 404
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_is_served_with_onnxruntime_numbers(tiny_runs, tmp_path):
+    from export.exporter import ExportConfig, export_variants
+    from mlet.tensorrt import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"TensorRT engines cannot be built here: {reason}")
+    repo = tmp_path / "repo"
+    config = ExportConfig(name="m", max_batch_size=512, variants=("fp32", "trt"))
+    export_variants(tiny_runs["mlet"], repo, config)
+    with running_server(repo, ["m-trt"]) as (url, _):
+        metadata = json.loads(request(f"{url}/v2/models/m-trt")[2])
+        assert metadata["platform"] == "tensorrt_plan"
+        status, _, body = infer(url, repo, "m-trt", rows=7, seed=3, spec_from="m")
+        assert status == 200
+        got = np.asarray(json.loads(body)["outputs"][0]["data"], np.float32).reshape(7, 1)
+        session = ort.InferenceSession(str(repo / "m" / "1" / "model.onnx"))
+        inputs = spec_of(repo, "m").random_inputs(7, np.random.default_rng(3))
+        np.testing.assert_allclose(got, session.run(None, inputs)[0], atol=1e-4)

@@ -1,0 +1,66 @@
+"""`mlet bench run`: every measurement of every model in one run, then the report.
+
+Models are compared side by side on one machine in one run: in-process micro-benchmarks,
+then the load sweep, each repeated and interleaved; the results folder records the
+machine, the software, the commit and the command, so a reader can rerun it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.environment import environment
+from bench.micro import MicroConfig, Target, run_micro
+from bench.report import build_report
+from bench.sweep import SweepConfig, run_sweep
+from mlet.files import read_json, write_json
+
+
+@dataclass
+class CompareConfig:
+    micro: MicroConfig = field(default_factory=MicroConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    roles: dict[str, str] = field(default_factory=dict)  # model -> role ("baseline", ...)
+    torch_runs: tuple[tuple[str, Path], ...] = ()  # uncompressed runs for the micro-benchmark
+
+
+def default_results_folder() -> Path:
+    return Path("results") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+
+
+def run_comparison(
+    repo: str | Path, models: list[str], config: CompareConfig, out: str | Path
+) -> Path:
+    """Measure, store the raw figures, write the report; returns the HTML report's path."""
+    repo, out = Path(repo), Path(out)
+    missing = [m for m in models if not (repo / m / "manifest.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"model(s) {missing} not found in repository {repo}")
+    out.mkdir(parents=True, exist_ok=True)
+    roles = dict(config.roles)
+    if "baseline" not in roles.values():
+        roles[models[0]] = "baseline"
+    settings = {
+        "repo": str(repo.resolve()),
+        "models": models,
+        "roles": roles,
+        "micro": asdict(config.micro),
+        "sweep": {k: v for k, v in asdict(config.sweep).items() if k != "steps_run"},
+        "reference_users": config.sweep.reference_users,
+        "torch_runs": [[n, str(p)] for n, p in config.torch_runs],
+    }
+    write_json(out / "environment.json", environment(settings))
+    targets = [Target(m, repo / m) for m in models]
+    targets += [Target(name, Path(path), "pytorch") for name, path in config.torch_runs]
+    write_json(out / "micro.json", run_micro(targets, config.micro))
+    write_json(out / "sweep.json", run_sweep(repo, models, config.sweep, out / "locust"))
+    _, html_path = build_report(out)
+    return html_path
+
+
+def study_lines(study_folder: str | Path) -> list[dict]:
+    """Accuracy-against-bytes lines from a study's summary, for the report's accuracy plot."""
+    summary = read_json(Path(study_folder) / "summary.json")
+    return summary.get("lines", [])

@@ -1,0 +1,113 @@
+"""The benchmark report: built from a stored results folder, rendered in headless Chromium."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.compare import CompareConfig, run_comparison
+from bench.micro import MicroConfig
+from bench.report import build_report, headline, load_results
+from bench.sweep import RequestKind, SweepConfig
+
+FIXTURE = Path(__file__).parent / "fixtures" / "bench-results"
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture()
+def results(tmp_path):
+    folder = tmp_path / "results"
+    shutil.copytree(FIXTURE, folder)
+    return folder
+
+
+def test_headline_ratios_against_the_baseline(results):
+    figures = {f["model"]: f for f in headline(load_results(results))}
+    base, small = figures["full-d16"], figures["mlet-d4-k64"]
+    assert base["bytes_reduction"] == 1.0 and base["auc_difference"] == 0.0
+    assert small["bytes_reduction"] == pytest.approx(1_308_608 / 327_152)
+    expected_p99 = small["p99_ms"]["median"] / base["p99_ms"]["median"]
+    assert small["p99_ratio"] == pytest.approx(expected_p99)
+    assert small["auc_difference"] == pytest.approx(small["test_auc"] - base["test_auc"])
+
+
+def test_report_files_and_first_screen(results):
+    md, page = build_report(results)
+    text = md.read_text()
+    assert text.startswith("# Benchmark report: compressed against baseline (full-d16)")
+    first_screen = text.split("## Headline")[0]
+    assert "embeddings 4.0x smaller" in first_screen and "test AUC" in first_screen
+    assert "| mlet-d4-k64 | compressed | 327,152 | 4.00x |" in text
+    for plot in ("latency_throughput", "memory", "accuracy_bytes", "micro_latency"):
+        assert (results / "plots" / f"{plot}.png").stat().st_size > 1000
+    assert "Commit:" in text and "Command:" in text
+    assert 'src="data:image/png;base64,' in page.read_text()
+
+
+def test_missing_results_are_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a benchmark results folder"):
+        build_report(tmp_path)
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM.exists() and DRIVER.exists()),
+    reason="Debian's chromium and chromium-driver are not installed (make test installs them)",
+)
+def test_html_report_renders_in_headless_chromium(results, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    _, page = build_report(results)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--window-size=1400,1000"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=options)
+    try:
+        driver.get(page.as_uri())
+        assert driver.title.startswith("Benchmark report")
+        images = driver.execute_script(
+            "return [...document.images].map(i => [i.alt, i.complete, i.naturalWidth])"
+        )
+        assert len(images) == 4
+        assert all(complete and width > 0 for _, complete, width in images), images
+        rows = driver.execute_script(
+            "return [...document.querySelectorAll('#headline tbody tr')]"
+            ".map(r => r.cells[0].textContent)"
+        )
+        assert rows == ["full-d16", "mlet-d4-k64"]
+        headline_top = driver.execute_script(
+            "return document.getElementById('headline').getBoundingClientRect().top"
+        )
+        assert headline_top < 1000  # the headline table is on the first screen
+        driver.save_screenshot(str(tmp_path / "report.png"))
+    finally:
+        driver.quit()
+
+
+def test_short_comparison_end_to_end(tiny_repo, tmp_path):
+    config = CompareConfig(
+        micro=MicroConfig(batch_sizes=(1, 16), min_iterations=5, min_seconds=0.05, repetitions=1),
+        sweep=SweepConfig(
+            kinds=(
+                RequestKind("1-row JSON", 1, False, (1, 2)),
+                RequestKind("32-row binary", 32, True, (1,)),
+            ),
+            duration=2,
+            repetitions=1,
+        ),
+        roles={"full": "baseline", "mlet": "compressed"},
+    )
+    page = run_comparison(tiny_repo, ["full", "mlet"], config, tmp_path / "out")
+    assert page.is_file()
+    results = load_results(tmp_path / "out")
+    for model in results.sweep:
+        for curve in model["curves"].values():
+            assert all(step["failures"] == 0 for step in curve)
+            assert all(step["requests_per_s"]["median"] > 0 for step in curve)
+    assert {m["name"] for m in results.micro} == {"full", "mlet"}
+    environment = results.environment
+    assert environment["machine"]["logical_cores"] >= 1 and environment["versions"]["onnxruntime"]
