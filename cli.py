@@ -206,7 +206,13 @@ def compare_config(args: argparse.Namespace):
         repetitions=args.repetitions,
         locust_processes=args.locust_processes,
     )
-    return CompareConfig(micro=micro, sweep=sweep, roles=roles, torch_runs=tuple(args.torch_run))
+    return CompareConfig(
+        micro=micro,
+        sweep=sweep,
+        roles=roles,
+        torch_runs=tuple(args.torch_run),
+        study=Path(args.study) if args.study else None,
+    )
 
 
 def cmd_bench_run(args: argparse.Namespace) -> None:
@@ -433,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--duration", type=float, default=8.0, help="seconds per step")
         command.add_argument("--locust-processes", type=int, default=1)
         command.add_argument("--quick", action="store_true", help="fewer batch sizes, shorter")
+        command.add_argument("--study", help="a `mlet study` folder for the accuracy plot")
 
     run = bench.add_parser("run", help="micro-benchmarks, load sweep and report in one run")
     comparison_options(run)

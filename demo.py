@@ -98,7 +98,7 @@ def run_demo(config: DemoConfig) -> Path:
     load = LoadConfig(users=config.users, duration=config.duration)
     summaries = run_load(repo, list(runs), load, config.out / "results")
     report = config.out / "report.md"
-    text = demo_report(config, runs, manifests, summaries, load) + variants_table(variants)
+    text = demo_report(config, runs, manifests, summaries, load) + "\n" + variants_table(variants)
     report.write_text(text)
     return report
 
@@ -193,10 +193,15 @@ def comparison(
     auc_a, auc_b = (read_json(runs[m] / "metrics.json")["test"]["auc"] for m in (name, other))
     load_a, load_b = load_by_model[name], load_by_model[other]
     embedding = a["model"]["embedding_bytes_inference"], b["model"]["embedding_bytes_inference"]
+    sizes = (
+        f"- embedding bytes {embedding[1] / embedding[0]:.2f}x smaller, ONNX file "
+        f"{b['model_bytes'] / a['model_bytes']:.2f}x smaller;"
+        if embedding[0] != embedding[1]
+        else "- the same embedding bytes (the same width);"
+    )
     return [
         f"{name} against {other}:",
-        f"- embedding bytes {embedding[1] / embedding[0]:.2f}x smaller, ONNX file "
-        f"{b['model_bytes'] / a['model_bytes']:.2f}x smaller;",
+        sizes,
         f"- test AUC {auc_a - auc_b:+.4f};",
         f"- requests/s {load_a['requests_per_s'] / load_b['requests_per_s']:.2f}x, p99 "
         f"{load_a['p99_ms'] / load_b['p99_ms']:.2f}x.",

@@ -24,6 +24,7 @@ class CompareConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     roles: dict[str, str] = field(default_factory=dict)  # model -> role ("baseline", ...)
     torch_runs: tuple[tuple[str, Path], ...] = ()  # uncompressed runs for the micro-benchmark
+    study: Path | None = None  # a `mlet study` folder whose curves join the accuracy plot
 
 
 def default_results_folder() -> Path:
@@ -54,13 +55,43 @@ def run_comparison(
     write_json(out / "environment.json", environment(settings))
     targets = [Target(m, repo / m) for m in models]
     targets += [Target(name, Path(path), "pytorch") for name, path in config.torch_runs]
+    if config.study is not None:
+        write_json(out / "study.json", study_lines(config.study))
     write_json(out / "micro.json", run_micro(targets, config.micro))
     write_json(out / "sweep.json", run_sweep(repo, models, config.sweep, out / "locust"))
     _, html_path = build_report(out)
     return html_path
 
 
-def study_lines(study_folder: str | Path) -> list[dict]:
-    """Accuracy-against-bytes lines from a study's summary, for the report's accuracy plot."""
-    summary = read_json(Path(study_folder) / "summary.json")
-    return summary.get("lines", [])
+def study_lines(study_folder: str | Path, regime: str = "one-pass") -> list[dict]:
+    """Accuracy-against-bytes lines of a `mlet study` folder, one per method, for the report.
+
+    Multi-layer rows keep, per width, the inner width with the best validation AUC, as
+    the study itself does.
+    """
+    path = Path(study_folder) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{study_folder} is not a study folder (no summary.json)")
+    groups = [g for g in read_json(path)["groups"] if g["regime"] == regime]
+    if not groups:
+        raise ValueError(f"{study_folder} has no results for regime {regime!r}")
+    lines = []
+    for method in ("full", "mlet", "svd"):
+        best: dict[int, dict] = {}
+        for g in (g for g in groups if g["method"] == method):
+            if g["dim"] not in best or g["val_auc"] > best[g["dim"]]["val_auc"]:
+                best[g["dim"]] = g
+        if not best:
+            continue
+        chosen = [best[d] for d in sorted(best)]
+        lines.append(
+            {
+                "label": f"{method} ({regime})",
+                "dims": [g["dim"] for g in chosen],
+                "bytes": [g["embedding_bytes"] for g in chosen],
+                "auc_mean": [g["test_auc"] for g in chosen],
+                "auc_std": [g["test_auc_std"] for g in chosen],
+                "source": str(Path(study_folder).resolve()),
+            }
+        )
+    return lines

@@ -298,24 +298,36 @@ def plot_memory(results: Results, figures: list[dict]) -> bytes:
 
 
 def plot_accuracy_bytes(results: Results, figures: list[dict]) -> bytes | None:
+    """Benchmarked models (their own test AUC); beside them, the study's curves if given.
+
+    The study trains its own cells (rows, epochs, seeds), so its AUCs sit on a scale of
+    their own and get a panel of their own rather than sharing the models' axis.
+    """
     points = [f for f in figures if f["test_auc"] is not None]
     if not points and not results.study:
         return None
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for line in results.study:
-        ax.errorbar(line["bytes"], line["auc_mean"], yerr=line.get("auc_std"), marker=".",
-                    label=f"study: {line['label']}", alpha=0.6, capsize=2)  # fmt: skip
+    panels = 1 + bool(results.study)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
+    ax = axes[0][0]
     for f in points:
         ax.scatter([f["embedding_bytes"]], [f["test_auc"]], s=60, zorder=3)
         ax.annotate(f["model"], (f["embedding_bytes"], f["test_auc"]), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("inference embedding bytes (log)")
-    ax.set_ylabel("test AUC")
-    ax.set_title("Accuracy against inference bytes")
-    ax.grid(alpha=0.3)
+    ax.set_title("Benchmarked models")
     if results.study:
-        ax.legend(fontsize=7)
+        study = axes[0][1]
+        for line in results.study:
+            study.errorbar(line["bytes"], line["auc_mean"], yerr=line["auc_std"], marker="o",
+                           capsize=2, label=line["label"])  # fmt: skip
+            for d, x, y in zip(line["dims"], line["bytes"], line["auc_mean"], strict=True):
+                study.annotate(f"d={d}", (x, y), fontsize=6, alpha=0.7)
+        study.set_title("Study (mean ± std over seeds)")
+        study.legend(fontsize=7)
+    for a in axes[0]:
+        a.set_xscale("log")
+        a.set_xlabel("inference embedding bytes (log)")
+        a.set_ylabel("test AUC")
+        a.grid(alpha=0.3)
     return _png(fig, plt)
 
 

@@ -1,11 +1,12 @@
 """The benchmark report: built from a stored results folder, rendered in headless Chromium."""
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from bench.compare import CompareConfig, run_comparison
+from bench.compare import CompareConfig, run_comparison, study_lines
 from bench.micro import MicroConfig
 from bench.report import build_report, headline, load_results
 from bench.sweep import RequestKind, SweepConfig
@@ -111,3 +112,29 @@ def test_short_comparison_end_to_end(tiny_repo, tmp_path):
     assert {m["name"] for m in results.micro} == {"full", "mlet"}
     environment = results.environment
     assert environment["machine"]["logical_cores"] >= 1 and environment["versions"]["onnxruntime"]
+
+
+def study_group(method, dim, hidden, val_auc, test_auc, regime="one-pass"):
+    return {"regime": regime, "method": method, "dim": dim, "hidden": hidden, "val_auc": val_auc,
+            "test_auc": test_auc, "test_auc_std": 0.001, "embedding_bytes": 100 * dim}  # fmt: skip
+
+
+def test_study_lines_keep_the_best_inner_width_per_dim(tmp_path, results):
+    groups = [
+        study_group("full", 2, None, 0.70, 0.71),
+        study_group("full", 4, None, 0.72, 0.73),
+        study_group("mlet", 2, 16, 0.74, 0.75),
+        study_group("mlet", 2, 64, 0.76, 0.74),  # best validation AUC: this k is kept
+        study_group("full", 2, None, 0.9, 0.9, regime="tuned"),
+    ]
+    (tmp_path / "summary.json").write_text(json.dumps({"groups": groups, "verdicts": {}}))
+    lines = {line["label"]: line for line in study_lines(tmp_path)}
+    assert lines["full (one-pass)"]["auc_mean"] == [0.71, 0.73]
+    assert lines["mlet (one-pass)"]["auc_mean"] == [0.74] and lines["mlet (one-pass)"]["dims"] == [
+        2
+    ]
+    (results / "study.json").write_text(json.dumps(list(lines.values())))
+    build_report(results)
+    assert (results / "plots" / "accuracy_bytes.png").stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="not a study folder"):
+        study_lines(tmp_path / "missing")
