@@ -268,7 +268,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 def cmd_bench_export(args: argparse.Namespace) -> None:
     from bench.export_bench import ExportBenchConfig, run_export_bench
 
-    config = ExportBenchConfig(variants=tuple(args.variants), keep=args.keep)
+    config = ExportBenchConfig(
+        dim=args.dim,
+        hidden=args.hidden,
+        variants=tuple(args.variants),
+        keep=args.keep,
+        name=args.name,
+    )
     if args.work:
         config.work = Path(args.work)
     run_export_bench(config, Path(args.out))
@@ -460,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--model", required=True)
     serve_bench.add_argument("--users", type=int, default=64, help="users sending 1-row requests")
     serve_bench.add_argument("--rows", type=int, default=256, help="rows per large request")
-    serve_bench.add_argument("--large-users", type=int, default=8)
+    serve_bench.add_argument("--large-users", type=int, default=32)
     serve_bench.add_argument("--duration", type=float, default=15.0, help="seconds per run")
     serve_bench.add_argument("--repetitions", type=int, default=3)
     serve_bench.add_argument("--out", required=True, help="results folder")
@@ -473,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     export_bench.add_argument("--work", help="where the 8.6 GB checkpoint and models go")
     export_bench.add_argument("--variants", type=name_list, default=["fp32"])
     export_bench.add_argument("--keep", action="store_true", help="keep checkpoint and models")
+    export_bench.add_argument("--dim", type=int, default=16, help="D of the collapsed tables")
+    export_bench.add_argument("--hidden", type=int, default=64, help="K of the MLET tables")
+    export_bench.add_argument("--name", default="kaggle", help="model name in WORK/models")
     export_bench.set_defaults(handler=cmd_bench_export)
 
     int8_mlp = bench.add_parser("int8-mlp", help="int8 model: float32 vs quantized MLPs")

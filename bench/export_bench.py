@@ -1,8 +1,8 @@
 """`mlet bench export`: exporting a Criteo-Kaggle-sized MLET model, and serving it.
 
 1. Writes a run folder whose model has Criteo Kaggle's 26 table sizes (33.8 million rows)
-   as MLET tables (K=64 -> D=16), randomly initialised as training would start (no
-   training), without ever holding a table: W1 alone is 8.6 GB.
+   as MLET tables (K=64 -> D=16 by default), randomly initialised as training would start
+   (no training), without ever holding a table: W1 alone is 8.6 GB.
 2. Runs `mlet export` on it as a child process, measuring the wall time and the peak
    resident memory: the kernel's high-water mark (getrusage RUSAGE_CHILDREN ru_maxrss) and
    a 10 Hz sample of the child's anonymous and file-backed resident pages.
@@ -57,6 +57,7 @@ class ExportBenchConfig:
     batch: int = 256
     keep: bool = False  # keep the checkpoint and the exported models
     seed: int = 0
+    name: str = "kaggle"  # the model's name in work/models; its variants get suffixes
 
 
 def write_random_mlet_run(
@@ -180,6 +181,20 @@ def probe_session(model_folder: Path, batch: int, warmup_batches: int) -> dict:
     }
 
 
+def named_models(repo: Path, name: str, variants: tuple[str, ...]) -> list[Path]:
+    """The folders `mlet export --name NAME --variants ...` writes: NAME, NAME-int8, ..."""
+    names = [name if variant == "fp32" else f"{name}-{variant}" for variant in variants]
+    return [repo / n for n in names if (repo / n).is_dir()]
+
+
+def remove_models(repo: Path, name: str, variants: tuple[str, ...]) -> None:
+    """Remove those folders, and the repository once nothing else is in it."""
+    for folder in named_models(repo, name, variants):
+        shutil.rmtree(folder)
+    if repo.is_dir() and not any(repo.iterdir()):
+        repo.rmdir()
+
+
 def collapsed_fp32_bytes(table_sizes: tuple[int, ...], dim: int) -> int:
     return 4 * dim * sum(table_sizes)
 
@@ -196,9 +211,10 @@ def run_export_bench(config: ExportBenchConfig, out: Path) -> dict:
             write_random_mlet_run(run, config.table_sizes, config.dim, config.hidden, config.seed)
             report["checkpoint_seconds"] = time.perf_counter() - started
         report["checkpoint_bytes"] = (run / "model.safetensors").stat().st_size
-        shutil.rmtree(repo, ignore_errors=True)
+        # Only this name's models: another size's models stay in work/models, to compare with.
+        remove_models(repo, config.name, config.variants)
         command = [sys.executable, "-m", "cli", "export", str(run), "--repo", str(repo),
-                   "--name", "kaggle", "--variants", ",".join(config.variants)]  # fmt: skip
+                   "--name", config.name, "--variants", ",".join(config.variants)]  # fmt: skip
         print("running " + " ".join(command[2:]), flush=True)
         export = measure_child(command)
         report["export"] = export
@@ -207,7 +223,7 @@ def run_export_bench(config: ExportBenchConfig, out: Path) -> dict:
         if export["peak_rss_bytes"]:
             report["peak_rss_over_collapsed"] = export["peak_rss_bytes"] / collapsed
         report["models"] = {}
-        for folder in sorted(p for p in repo.iterdir() if not p.name.startswith(".")):
+        for folder in named_models(repo, config.name, config.variants):
             manifest = read_json(folder / "manifest.json")
             probe = subprocess.run(
                 [sys.executable, "-c", PROBE_SCRIPT, str(folder), str(config.batch),
@@ -224,7 +240,7 @@ def run_export_bench(config: ExportBenchConfig, out: Path) -> dict:
             }
     finally:
         if not config.keep:
-            shutil.rmtree(repo, ignore_errors=True)
+            remove_models(repo, config.name, config.variants)
             shutil.rmtree(run, ignore_errors=True)
     write_json(out / "export.json", report)
     (out / "export.md").write_text(export_markdown(report))

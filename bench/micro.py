@@ -125,6 +125,7 @@ def summarise(target: Target, runs: list[dict]) -> dict:
         "mapped_model_resident_bytes": median_and_spread(
             [r["after_warmup"]["mapped_model_resident_bytes"] for r in runs]
         ),
+        "mapped_model_files": runs[0]["after_warmup"].get("mapped_model_files"),
         "timings": per_batch,
         "raw": runs,
     }

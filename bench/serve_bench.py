@@ -23,7 +23,7 @@ from mlet.files import write_json
 class ServeBenchConfig:
     small_users: int = 64
     large_rows: int = 256
-    large_users: int = 8
+    large_users: int = 32  # enough to keep the server busy: its capacity, not the client's
     duration: float = 15.0
     repetitions: int = 3
 

@@ -227,16 +227,8 @@ class DynamicBatcher:
         started = time.monotonic()
         rows = sum(p.rows for p in batch)
         try:
-            merged = (
-                batch[0].inputs
-                if len(batch) == 1
-                else {
-                    name: np.concatenate([p.inputs[name] for p in batch])
-                    for name in batch[0].inputs
-                }
-            )
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.run_batch, merged
+                self.executor, self._merge_and_run, [p.inputs for p in batch]
             )
             compute = time.monotonic() - started
             self._record(batch, rows, started, compute)
@@ -256,6 +248,17 @@ class DynamicBatcher:
             self._running -= 1
             self._mark_idle_if_done()
             self._wakeup.set()
+
+    def _merge_and_run(self, requests: list[Arrays]) -> Arrays:
+        """Concatenate the requests' arrays and run them, on the executor's thread.
+
+        The copy runs there rather than on the event loop, which parses the next requests.
+        """
+        if len(requests) == 1:
+            return self.run_batch(requests[0])
+        return self.run_batch(
+            {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
+        )
 
     def _record(self, batch: list[_Pending], rows: int, started: float, compute: float) -> None:
         self.stats.executions += 1

@@ -93,8 +93,10 @@ def test_export_benchmark_at_small_scale(tmp_path):
     config = ExportBenchConfig(
         work=tmp_path / "work", table_sizes=(500, 3, 2000), variants=("fp32", "int8"), batch=16
     )
+    other = tmp_path / "work" / "models" / "kaggle-d4"  # another size's model, to compare with
+    other.mkdir(parents=True)
     report = run_export_bench(config, tmp_path / "out")
-    assert not (tmp_path / "work" / "models").exists()  # cleaned up unless --keep
+    assert [p.name for p in (tmp_path / "work" / "models").iterdir()] == ["kaggle-d4"]
     assert not (tmp_path / "work" / "kaggle-mlet-d16-k64").exists()
     assert report["collapsed_fp32_bytes"] == 4 * 16 * 2503
     assert report["export"]["peak_rss_bytes"] > report["export"]["sampled_peak"]["anon"] > 0

@@ -8,7 +8,7 @@ import pytest
 
 from bench.compare import CompareConfig, run_comparison, study_lines
 from bench.micro import MicroConfig
-from bench.report import build_report, headline, load_results
+from bench.report import build_report, headline, load_results, mapped_pages_cell
 from bench.sweep import RequestKind, SweepConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bench-results"
@@ -43,6 +43,14 @@ def test_report_files_and_first_screen(results):
         assert (results / "plots" / f"{plot}.png").stat().st_size > 1000
     assert "Commit:" in text and "Command:" in text
     assert 'src="data:image/png;base64,' in page.read_text()
+
+
+def test_weights_inside_the_model_file_are_not_reported_as_mapped_pages():
+    figure = {"median": 3 * 2**20, "spread": 0.0, "noisy": False}
+    inline = {"mapped_model_files": [], "mapped_model_resident_bytes": figure}
+    external = {"mapped_model_files": ["model.onnx.data"], "mapped_model_resident_bytes": figure}
+    assert mapped_pages_cell(inline) == "none mapped"
+    assert mapped_pages_cell(external).startswith("3.00")
 
 
 def test_missing_results_are_a_clear_error(tmp_path):
