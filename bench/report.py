@@ -231,6 +231,35 @@ def sweep_rows(results: Results) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+BUSY = 0.85  # a side that kept this share of its cores busy counts as saturated
+
+
+def limiting_side(step: dict, cores: int, locust_processes: int) -> str:
+    """Which side the CPU figures of a load step say was the limit."""
+    client, server = step["client_cpu_cores"]["median"], step["server_cpu_cores"]["median"]
+    if client >= BUSY * locust_processes:
+        return f"load generator ({client:.2f} of {locust_processes} Locust core(s))"
+    if client + server >= BUSY * cores:
+        return f"the machine's CPU (server {server:.2f} + client {client:.2f} of {cores} cores)"
+    return f"neither side's CPU (server {server:.2f} + client {client:.2f} of {cores} cores)"
+
+
+def saturation_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """At each model's highest throughput per request kind: what held it there."""
+    header = ["model", "requests", "users", "rows/s", "limited by"]
+    cores = results.environment["machine"]["logical_cores"]
+    processes = results.environment["config"].get("sweep", {}).get("locust_processes", 1)
+    rows = []
+    for s in results.sweep:
+        for kind, curve in s["curves"].items():
+            step = max(curve, key=lambda x: x["rows_per_s"]["median"])
+            rows.append(
+                [s["model"], kind, str(step["users"]), fmt(step["rows_per_s"], 0),
+                 limiting_side(step, cores, processes)]
+            )  # fmt: skip
+    return header, rows
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -405,6 +434,7 @@ def build_report(folder: str | Path) -> tuple[Path, Path]:
         "In-process latency per batch": micro_rows(results),
         "In-process memory": memory_rows(results),
         "Load sweep": sweep_rows(results),
+        "What limited the highest throughput": saturation_rows(results),
     }
     md = markdown_report(results, summary, tables, plots)
     page = html_report(results, summary, tables, plots)

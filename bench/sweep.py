@@ -31,7 +31,7 @@ class RequestKind:
 
 DEFAULT_KINDS = (
     RequestKind("1-row JSON", rows=1, binary=False, users=(1, 4, 16, 64, 128)),
-    RequestKind("256-row binary", rows=256, binary=True, users=(1, 2, 4, 8, 16)),
+    RequestKind("256-row binary", rows=256, binary=True, users=(1, 2, 4, 8, 16, 32)),
 )
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from bench.compare import CompareConfig, run_comparison, study_lines
 from bench.micro import MicroConfig
-from bench.report import build_report, headline, load_results, mapped_pages_cell
+from bench.report import build_report, headline, limiting_side, load_results, mapped_pages_cell
 from bench.sweep import RequestKind, SweepConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bench-results"
@@ -42,6 +42,7 @@ def test_report_files_and_first_screen(results):
     for plot in ("latency_throughput", "memory", "accuracy_bytes", "micro_latency"):
         assert (results / "plots" / f"{plot}.png").stat().st_size > 1000
     assert "Commit:" in text and "Command:" in text
+    assert "## What limited the highest throughput" in text
     assert 'src="data:image/png;base64,' in page.read_text()
 
 
@@ -51,6 +52,16 @@ def test_weights_inside_the_model_file_are_not_reported_as_mapped_pages():
     external = {"mapped_model_files": ["model.onnx.data"], "mapped_model_resident_bytes": figure}
     assert mapped_pages_cell(inline) == "none mapped"
     assert mapped_pages_cell(external).startswith("3.00")
+
+
+def test_the_side_that_limited_a_load_step():
+    def step(client: float, server: float) -> dict:
+        return {"client_cpu_cores": {"median": client}, "server_cpu_cores": {"median": server}}
+
+    assert limiting_side(step(0.9, 0.8), cores=2, locust_processes=1).startswith("load generator")
+    assert limiting_side(step(0.9, 0.8), cores=4, locust_processes=2).startswith("neither")
+    assert limiting_side(step(0.4, 1.4), cores=2, locust_processes=1).startswith("the machine")
+    assert limiting_side(step(0.3, 1.0), cores=2, locust_processes=1).startswith("neither")
 
 
 def test_missing_results_are_a_clear_error(tmp_path):
