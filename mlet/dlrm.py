@@ -131,7 +131,8 @@ class DLRM(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """dense [B, F] float32, sparse [B, T] or [B, T, H] int64 -> logit [B, 1]."""
         bottom = self.bottom(self.transform_dense(dense))  # [B, D]
-        vectors = torch.stack([bottom, *self.embeddings(sparse)], dim=1)  # [B, T+1, D]
+        tables = self.embeddings(sparse)  # [B, T, D]
+        vectors = torch.cat([bottom.unsqueeze(1), tables], dim=1)  # [B, T+1, D]
         dots = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, T+1, T+1]
         pairs = dots.flatten(1).index_select(1, self.interaction_index)  # [B, P]
         return self.top(torch.cat([bottom, pairs], dim=1))

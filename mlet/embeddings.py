@@ -107,6 +107,10 @@ class MultiLayerEmbedding(nn.Module):
             return self._forward_unique_rows(ids)
         return self.projection(_pool(self.table(ids), ids))
 
+    def project_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [U] -> [U, D], one vector per id, no pooling."""
+        return self.projection(self.table(ids))
+
     def _forward_unique_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The same function, projecting each distinct id once.
 
@@ -115,7 +119,7 @@ class MultiLayerEmbedding(nn.Module):
         gradient of W1 and its optimizer step) scale with U instead of B.
         """
         unique, inverse = torch.unique(ids, return_inverse=True)  # [U], like ids
-        return _pool(self.projection(self.table(unique))[inverse], ids)
+        return _pool(self.project_rows(unique)[inverse], ids)
 
     def collapse(self, block_rows: int = 65536) -> torch.Tensor:
         """E = W1 @ W2 computed in float64, returned as float32 [N, D].
@@ -140,17 +144,75 @@ def make_embedding(config: TableConfig, sparse: bool = True) -> Embedding:
     return MultiLayerEmbedding(config, sparse=sparse)
 
 
+def _distinct(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(ids, return_inverse=True) for ids in [0, rows): [U] sorted, like ids.
+
+    When the id space is small next to the batch, marking the ids seen in a [rows] mask
+    (O(rows), no sort) is cheaper than unique()'s sort; on CPU, 1 thread, 13,312 ids:
+    0.23 ms against 0.71 ms with 20k rows, 4.6 ms against 0.70 ms with 1.6M rows.
+    """
+    if rows > 2 * ids.numel():
+        return torch.unique(ids, return_inverse=True)
+    seen = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    seen[ids.flatten()] = True
+    rank = torch.cumsum(seen, 0) - 1  # [rows]: an id's position among the distinct ids
+    return seen.nonzero().squeeze(1), rank[ids]
+
+
 class EmbeddingCollection(nn.Module):
-    """All tables of a model; looks up one [B, T] or [B, T, H] id tensor at once."""
+    """All tables of a model; looks up one [B, T] or [B, T, H] id tensor at once.
+
+    In training, when every table is a multi-layer table with row dedup on and all share
+    D (K may differ), the distinct ids of all tables are found in one pass over a shared
+    id space (table i's ids offset by the rows of tables 0..i-1) instead of one unique()
+    and one gather per table: on CPU, with many small tables, each op's fixed dispatch
+    cost outweighs its arithmetic. Anything else (full tables, a mix of full and
+    multi-layer tables, mixed D, evaluation) goes table by table, unchanged.
+    """
 
     def __init__(self, tables: list[TableConfig], sparse: bool = True) -> None:
         super().__init__()
         self.configs = list(tables)
         self.tables = nn.ModuleList(make_embedding(t, sparse=sparse) for t in tables)
+        rows = torch.tensor([t.rows for t in tables], dtype=torch.int64)
+        # Not persistent: derived from the configs, so checkpoints keep their keys.
+        self.register_buffer("id_offsets", torch.cumsum(rows, 0) - rows, persistent=False)
+        self.total_rows = int(rows.sum())
 
-    def forward(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        """ids [B, T] or [B, T, H] -> T tensors of [B, D]."""
-        return [table(ids[:, i]) for i, table in enumerate(self.tables)]
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] or [B, T, H] -> [B, T, D]."""
+        if self.training and torch.is_grad_enabled() and self._deduplicates_together():
+            return self._forward_unique_rows(ids)
+        return torch.stack([table(ids[:, i]) for i, table in enumerate(self.tables)], dim=1)
+
+    def _deduplicates_together(self) -> bool:
+        return len({t.dim for t in self.configs}) == 1 and all(
+            isinstance(t, MultiLayerEmbedding) and t.deduplicate_rows for t in self.tables
+        )
+
+    def _forward_unique_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The same function as table by table, finding all tables' distinct ids at once.
+
+        Each table looks up and projects only its distinct ids (one K-wide lookup and
+        matmul per table, U_t rows); the [U, D] results are gathered back to [B, T, D].
+        Gathering D-wide rows is what keeps this cheap: gathering K-wide rows to [T, B, K]
+        for one batched matmul with the stacked projections was measured slower at k=128
+        and no faster at k=16 (docs/results.md, "Training overhead").
+        """
+        offsets = self.id_offsets.view(1, -1, *[1] * (ids.dim() - 2))
+        unique, inverse = _distinct(ids + offsets, self.total_rows)  # [U], like ids
+        # unique is sorted, so each table's ids are one contiguous run, starting at its offset
+        starts = torch.searchsorted(unique, self.id_offsets)  # [T]
+        sizes = torch.diff(starts, append=starts.new_tensor([unique.numel()]))  # [T]
+        local = unique - self.id_offsets.repeat_interleave(sizes)  # [U], ids within a table
+        vectors = torch.cat(
+            [
+                table.project_rows(table_ids)
+                for table, table_ids in zip(self.tables, local.split(sizes.tolist()), strict=True)
+            ]
+        )  # [U, D]
+        gathered = vectors.index_select(0, inverse.flatten()).view(*inverse.shape, -1)
+        return gathered.sum(dim=2) if ids.dim() == 3 else gathered  # [B, T, D]
 
     def collapse(self) -> list[torch.Tensor]:
         return [table.collapse() for table in self.tables]

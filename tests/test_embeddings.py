@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from mlet.dlrm import DLRM, build_config
-from mlet.embeddings import FullEmbedding, MultiLayerEmbedding, TableConfig
+from mlet.embeddings import (
+    EmbeddingCollection,
+    FullEmbedding,
+    MultiLayerEmbedding,
+    TableConfig,
+    _distinct,
+)
 
 
 def test_collapse_equals_two_layer_lookup_single_hot():
@@ -68,3 +74,85 @@ def test_collapsed_dlrm_matches_trained_model(hotness):
     collapsed = model.collapsed()
     assert collapsed.config.embedding_kind == "full"
     torch.testing.assert_close(collapsed(dense, sparse), model(dense, sparse), rtol=0, atol=1e-5)
+
+
+def _grouped_and_per_table(configs, ids):
+    """Outputs and gradients in training: the collection's grouped path, then each table's
+    own forward (its per-table row dedup, the path training took before grouping)."""
+    torch.manual_seed(3)
+    collection = EmbeddingCollection(configs).train()
+    weights = torch.randn(*ids.shape[:2], configs[0].dim)  # a loss with gradients near 1
+    forwards = (
+        collection,
+        lambda ids: torch.stack([t(ids[:, i]) for i, t in enumerate(collection.tables)], 1),
+    )
+    results = []
+    for forward in forwards:
+        collection.zero_grad(set_to_none=True)
+        out = forward(ids)
+        (out * weights).sum().backward()
+        grads = {n: p.grad.to_dense().clone() for n, p in collection.named_parameters()}
+        results.append((out.detach(), grads))
+    return collection, results
+
+
+@pytest.mark.parametrize("hotness", [1, 3])
+@pytest.mark.parametrize("hidden", [(12, 12, 12, 12), (8, 16, 12, 5)])
+def test_grouped_unique_row_forward_is_the_per_table_function_and_gradient(hotness, hidden):
+    sizes = [5, 40, 1, 17]
+    configs = [
+        TableConfig(f"C{i}", rows=r, dim=3, hidden=k)
+        for i, (r, k) in enumerate(zip(sizes, hidden, strict=True))
+    ]
+    shape = (64, 4) if hotness == 1 else (64, 4, hotness)
+    ids = (torch.rand(shape) * torch.tensor(sizes).view(1, 4, *[1] * (hotness > 1))).long()
+    collection, [(grouped, grouped_grads), (plain, plain_grads)] = _grouped_and_per_table(
+        configs, ids
+    )
+    assert collection._deduplicates_together()
+    assert grouped.shape == (64, 4, 3)
+    torch.testing.assert_close(grouped, plain, rtol=0, atol=1e-6)
+    assert grouped_grads.keys() == plain_grads.keys()
+    for name, grad in grouped_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-6)
+    # the grouped path touches only the rows the batch holds, as a sparse gradient
+    assert collection.tables[1].table.weight.grad.is_sparse
+
+
+def test_grouped_forward_keeps_the_checkpoint_keys():
+    configs = [TableConfig(f"C{i}", rows=r, dim=2, hidden=4) for i, r in enumerate([3, 9])]
+    assert list(EmbeddingCollection(configs).state_dict()) == [
+        "tables.0.table.weight",
+        "tables.0.projection.weight",
+        "tables.1.table.weight",
+        "tables.1.projection.weight",
+    ]
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        [TableConfig("C1", rows=9, dim=3, hidden=6), TableConfig("C2", rows=4, dim=3)],
+        [TableConfig("C1", rows=9, dim=3, hidden=6), TableConfig("C2", rows=4, dim=2, hidden=6)],
+    ],
+    ids=["full and mlet", "mixed dim"],
+)
+def test_mixed_collections_go_table_by_table(configs):
+    collection = EmbeddingCollection(configs).train()
+    assert not collection._deduplicates_together()
+    ids = torch.tensor([[0, 1], [8, 3], [0, 3]])
+    if len({c.dim for c in configs}) == 1:
+        out = collection(ids)
+        assert out.shape == (3, 2, 3)
+        torch.testing.assert_close(out[:, 1], collection.tables[1](ids[:, 1]), rtol=0, atol=0)
+    else:
+        with pytest.raises(RuntimeError):  # no [B, T, D] with two widths
+            collection(ids)
+
+
+@pytest.mark.parametrize("rows", [50, 10_000])  # mask below 2x the ids, unique() above
+def test_distinct_matches_torch_unique(rows):
+    ids = torch.randint(0, rows, (40, 3))
+    unique, inverse = _distinct(ids, rows)
+    expected_unique, expected_inverse = torch.unique(ids, return_inverse=True)
+    assert torch.equal(unique, expected_unique) and torch.equal(inverse, expected_inverse)

@@ -212,3 +212,28 @@ def test_row_sparse_adagrad_matches_torch_adagrad(tiny_data, embedding, hidden):
         optimizer.step()
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(fast.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+def test_foreach_dense_group_gives_the_same_numbers(tiny_data, optimizer):
+    dataset = load_dataset(tiny_data)
+    config = tiny_train_config(embedding="mlet", hidden=8, optimizer=optimizer, lr=0.05)
+    torch.manual_seed(0)
+    models = [build_model(dataset, config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    index = [np.random.default_rng(i).integers(0, 3000, 32) for i in range(4)]
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for model, foreach in zip(models, (True, False), strict=True):
+        updates = make_optimizer(model.train(), config)
+        assert updates.param_groups[1]["foreach"] is True
+        updates.param_groups[1]["foreach"] = foreach
+        for i in index:
+            dense = torch.from_numpy(np.asarray(dataset.dense[i]))
+            sparse = torch.from_numpy(np.asarray(dataset.sparse[i], dtype=np.int64))
+            labels = torch.from_numpy(np.asarray(dataset.labels[i], dtype=np.float32))
+            loss = loss_fn(model(dense, sparse).squeeze(1), labels)
+            updates.zero_grad()
+            loss.backward()
+            updates.step()
+    for name, value in models[0].state_dict().items():
+        assert torch.equal(value, models[1].state_dict()[name]), name

@@ -66,4 +66,5 @@ def adagrad_with_row_sparse_tables(model: torch.nn.Module, lr: float) -> Optimiz
     tables = [p for n, p in model.named_parameters() if n.endswith("table.weight")]
     table_ids = {id(p) for p in tables}
     rest = [p for p in model.parameters() if id(p) not in table_ids]
-    return Optimizers(RowSparseAdagrad(tables, lr=lr), torch.optim.Adagrad(rest, lr=lr))
+    dense = torch.optim.Adagrad(rest, lr=lr, foreach=True)  # see train.trainer.make_optimizer
+    return Optimizers(RowSparseAdagrad(tables, lr=lr), dense)
