@@ -61,10 +61,17 @@ class Optimizers:
             optimizer.step()
 
 
-def adagrad_with_row_sparse_tables(model: torch.nn.Module, lr: float) -> Optimizers:
-    """RowSparseAdagrad for the tables, torch's Adagrad for the rest, one learning rate."""
+def table_and_dense_parameters(
+    model: torch.nn.Module,
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The embedding tables' weights (sparse gradients) and every other parameter."""
     tables = [p for n, p in model.named_parameters() if n.endswith("table.weight")]
     table_ids = {id(p) for p in tables}
-    rest = [p for p in model.parameters() if id(p) not in table_ids]
+    return tables, [p for p in model.parameters() if id(p) not in table_ids]
+
+
+def adagrad_with_row_sparse_tables(model: torch.nn.Module, lr: float) -> Optimizers:
+    """RowSparseAdagrad for the tables, torch's Adagrad for the rest, one learning rate."""
+    tables, rest = table_and_dense_parameters(model)
     dense = torch.optim.Adagrad(rest, lr=lr, foreach=True)  # see train.trainer.make_optimizer
     return Optimizers(RowSparseAdagrad(tables, lr=lr), dense)

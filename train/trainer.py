@@ -25,6 +25,7 @@ from mlet.dlrm import DLRM, DLRMConfig, build_config
 from mlet.files import staged_directory
 from mlet.metrics import classification_metrics
 from mlet.run import software_versions, write_run
+from train.sparse_adagrad import table_and_dense_parameters
 
 OPTIMIZERS = ("adagrad", "sgd")
 # "paper": tables uniform in +-sqrt(1/N) (DLRM's and the MLET paper's); "normal": tables
@@ -115,9 +116,7 @@ def build_model(dataset: Dataset, config: TrainConfig) -> DLRM:
 
 def make_optimizer(model: DLRM, config: TrainConfig) -> torch.optim.Optimizer:
     """One optimizer, two groups: embedding tables (sparse gradients) and the rest (dense)."""
-    tables = [p for n, p in model.named_parameters() if n.endswith("table.weight")]
-    table_ids = {id(p) for p in tables}
-    rest = [p for p in model.parameters() if id(p) not in table_ids]
+    tables, rest = table_and_dense_parameters(model)
     # foreach on the dense group: one call per update for all its tensors (the MLPs and
     # MLET's T projections) instead of a Python loop over them; the same numbers on CPU.
     # The tables' sparse gradients need the per-tensor path.
