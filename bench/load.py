@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -23,10 +24,13 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.requests import RequestFactory
 from mlet.files import read_json, write_json
+from mlet.spec import ExportSpec
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 HOST = "127.0.0.1"
+WARM_UP_REQUESTS = 5
 
 
 @dataclass
@@ -203,6 +207,27 @@ def load_step(
     }
 
 
+def warm_up(url: str, model: str, manifest: dict, config: LoadConfig) -> None:
+    """A few requests like the load's before it is timed.
+
+    The first inferences pay one-time costs (allocations, lazy initialisation) that are
+    not the steady state a load test measures, and a server that cannot answer fails here
+    with its reply instead of as a load run with no completed request.
+    """
+    factory = RequestFactory(ExportSpec.from_dict(manifest["spec"]), config.zipf_exponent)
+    for _ in range(WARM_UP_REQUESTS):
+        body, headers = factory.body(config.rows, config.binary)
+        request = urllib.request.Request(
+            f"{url}/v2/models/{model}/infer", data=body, headers=headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+        except urllib.error.HTTPError as e:
+            reply = e.read()[:300].decode(errors="replace")
+            raise RuntimeError(f"warm-up request to {model} failed: HTTP {e.code}: {reply}") from e
+
+
 def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
     manifest_path = repo / model / "manifest.json"
     manifest = read_json(manifest_path)
@@ -211,6 +236,7 @@ def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> di
         server,
     ):
         rss_loaded = server.memory_info().rss
+        warm_up(url, model, manifest, config)
         step = load_step(url, server, model, manifest_path, config, out / f"locust-{model}")
     return {
         "model": model,

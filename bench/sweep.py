@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.load import LoadConfig, load_step, running_server
+from bench.load import LoadConfig, load_step, running_server, warm_up
 from bench.stats import median_and_spread
 from mlet.files import read_json
 
@@ -66,6 +66,7 @@ def sweep_once(repo: Path, model: str, config: SweepConfig, out: Path, first: bo
             steps, previous = [], None
             key = f"{model}/{kind.name}"
             planned = kind.users if first else config.steps_run[key]
+            warm_up(url, model, read_json(manifest), LoadConfig(rows=kind.rows, binary=kind.binary))
             for users in planned:
                 load = LoadConfig(
                     users=users,

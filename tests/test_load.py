@@ -1,7 +1,10 @@
 import json
 
-from bench.load import LoadConfig, run_load
+import pytest
+
+from bench.load import LoadConfig, run_load, running_server, warm_up
 from bench.serve_bench import ServeBenchConfig, run_serve_bench
+from mlet.files import read_json
 
 
 def test_five_second_headless_locust_run_has_no_failures(tiny_repo, tmp_path):
@@ -36,3 +39,11 @@ def test_serve_bench_runs_every_comparison(tiny_repo, tmp_path):
     assert summary["inprocess_rows_per_s"]["values"][0] > 0
     text = (tmp_path / "serve.md").read_text()
     assert "Batching on / off" in text and "server, binary tensors" in text
+
+
+def test_warm_up_names_the_server_reply_when_a_request_fails(tiny_repo):
+    manifest = read_json(tiny_repo / "mlet" / "manifest.json")
+    with running_server(tiny_repo, ["mlet"]) as (url, _):
+        warm_up(url, "mlet", manifest, LoadConfig(rows=3, binary=True))
+        with pytest.raises(RuntimeError, match="warm-up request to full failed: HTTP 404"):
+            warm_up(url, "full", manifest, LoadConfig())  # a model this server does not load
