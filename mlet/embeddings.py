@@ -63,7 +63,13 @@ def _pool(vectors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class FullEmbedding(nn.Module):
-    """A plain N x D table, initialised as DLRM does: uniform in +-sqrt(1/N)."""
+    """A plain N x D table, initialised as DLRM does: uniform in +-sqrt(1/N).
+
+    `deduplicate_rows`: whether `EmbeddingCollection` may look up each distinct id of a
+    training batch once (the same function; see there).
+    """
+
+    deduplicate_rows: bool = True
 
     def __init__(self, config: TableConfig, sparse: bool = True) -> None:
         super().__init__()
@@ -75,6 +81,10 @@ class FullEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B] or [B, H] -> [B, D]."""
         return _pool(self.table(ids), ids)
+
+    def lookup_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [U] -> [U, D], one vector per id, no pooling."""
+        return self.table(ids)
 
     def collapse(self) -> torch.Tensor:
         return self.table.weight.detach().float().clone()
@@ -107,7 +117,7 @@ class MultiLayerEmbedding(nn.Module):
             return self._forward_unique_rows(ids)
         return self.projection(_pool(self.table(ids), ids))
 
-    def project_rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookup_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [U] -> [U, D], one vector per id, no pooling."""
         return self.projection(self.table(ids))
 
@@ -119,7 +129,7 @@ class MultiLayerEmbedding(nn.Module):
         gradient of W1 and its optimizer step) scale with U instead of B.
         """
         unique, inverse = torch.unique(ids, return_inverse=True)  # [U], like ids
-        return _pool(self.project_rows(unique)[inverse], ids)
+        return _pool(self.lookup_rows(unique)[inverse], ids)
 
     def collapse(self, block_rows: int = 65536) -> torch.Tensor:
         """E = W1 @ W2 computed in float64, returned as float32 [N, D].
@@ -162,12 +172,15 @@ def _distinct(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]
 class EmbeddingCollection(nn.Module):
     """All tables of a model; looks up one [B, T] or [B, T, H] id tensor at once.
 
-    In training, when every table is a multi-layer table with row dedup on and all share
-    D (K may differ), the distinct ids of all tables are found in one pass over a shared
-    id space (table i's ids offset by the rows of tables 0..i-1) instead of one unique()
-    and one gather per table: on CPU, with many small tables, each op's fixed dispatch
-    cost outweighs its arithmetic. Anything else (full tables, a mix of full and
-    multi-layer tables, mixed D, evaluation) goes table by table, unchanged.
+    In training, when all tables share D and keep row dedup on (full, multi-layer or a
+    mix), each distinct id of the batch is looked up once: the distinct ids of all tables
+    are found in one pass over a shared id space (table i's ids offset by the rows of
+    tables 0..i-1), each table looks up (and a multi-layer table projects) only its own,
+    and one gather returns [B, T, D]. Two things make this cheaper than table by table:
+    on CPU, with many small tables, each op's fixed dispatch cost outweighs its
+    arithmetic, so one pass beats T; and every table's sparse gradient then holds each
+    row once, in ascending order, so the optimizer need not coalesce it
+    (`train.sparse_adagrad`). Mixed D and evaluation go table by table.
     """
 
     def __init__(self, tables: list[TableConfig], sparse: bool = True) -> None:
@@ -182,22 +195,22 @@ class EmbeddingCollection(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] or [B, T, H] -> [B, T, D]."""
         if self.training and torch.is_grad_enabled() and self._deduplicates_together():
-            return self._forward_unique_rows(ids)
+            return self._forward_distinct_rows(ids)
         return torch.stack([table(ids[:, i]) for i, table in enumerate(self.tables)], dim=1)
 
     def _deduplicates_together(self) -> bool:
         return len({t.dim for t in self.configs}) == 1 and all(
-            isinstance(t, MultiLayerEmbedding) and t.deduplicate_rows for t in self.tables
+            t.deduplicate_rows for t in self.tables
         )
 
-    def _forward_unique_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """The same function as table by table, finding all tables' distinct ids at once.
+    def _forward_distinct_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The same function as table by table, each distinct id looked up once.
 
-        Each table looks up and projects only its distinct ids (one K-wide lookup and
-        matmul per table, U_t rows); the [U, D] results are gathered back to [B, T, D].
-        Gathering D-wide rows is what keeps this cheap: gathering K-wide rows to [T, B, K]
-        for one batched matmul with the stacked projections was measured slower at k=128
-        and no faster at k=16 (docs/results.md, "Training overhead").
+        The [U, D] vectors of the distinct ids are gathered back to [B, T, D]. For
+        multi-layer tables, gathering D-wide rows is what keeps this cheap: gathering
+        K-wide rows to [T, B, K] for one batched matmul with the stacked projections was
+        measured slower at k=128 and no faster at k=16 (docs/results.md, "Training
+        overhead").
         """
         offsets = self.id_offsets.view(1, -1, *[1] * (ids.dim() - 2))
         unique, inverse = _distinct(ids + offsets, self.total_rows)  # [U], like ids
@@ -207,7 +220,7 @@ class EmbeddingCollection(nn.Module):
         local = unique - self.id_offsets.repeat_interleave(sizes)  # [U], ids within a table
         vectors = torch.cat(
             [
-                table.project_rows(table_ids)
+                table.lookup_rows(table_ids)
                 for table, table_ids in zip(self.tables, local.split(sizes.tolist()), strict=True)
             ]
         )  # [U, D]

@@ -97,8 +97,12 @@ def _grouped_and_per_table(configs, ids):
 
 
 @pytest.mark.parametrize("hotness", [1, 3])
-@pytest.mark.parametrize("hidden", [(12, 12, 12, 12), (8, 16, 12, 5)])
-def test_grouped_unique_row_forward_is_the_per_table_function_and_gradient(hotness, hidden):
+@pytest.mark.parametrize(
+    "hidden",
+    [(12, 12, 12, 12), (8, 16, 12, 5), (None, None, None, None), (8, None, 12, None)],
+    ids=["mlet", "mlet mixed k", "full", "full and mlet"],
+)
+def test_grouped_distinct_row_forward_is_the_per_table_function_and_gradient(hotness, hidden):
     sizes = [5, 40, 1, 17]
     configs = [
         TableConfig(f"C{i}", rows=r, dim=3, hidden=k)
@@ -129,25 +133,32 @@ def test_grouped_forward_keeps_the_checkpoint_keys():
     ]
 
 
-@pytest.mark.parametrize(
-    "configs",
-    [
-        [TableConfig("C1", rows=9, dim=3, hidden=6), TableConfig("C2", rows=4, dim=3)],
-        [TableConfig("C1", rows=9, dim=3, hidden=6), TableConfig("C2", rows=4, dim=2, hidden=6)],
-    ],
-    ids=["full and mlet", "mixed dim"],
-)
-def test_mixed_collections_go_table_by_table(configs):
+def test_grouped_lookup_gives_each_table_its_rows_once_in_order():
+    configs = [TableConfig("C1", rows=9, dim=3, hidden=6), TableConfig("C2", rows=4, dim=3)]
+    collection = EmbeddingCollection(configs).train()
+    ids = torch.tensor([[8, 3], [0, 1], [8, 3], [2, 3]])
+    collection(ids).sum().backward()
+    for table, expected in zip(collection.tables, ([0, 2, 8], [1, 3]), strict=True):
+        grad = table.table.weight.grad
+        assert grad.is_sparse and grad._indices()[0].tolist() == expected
+
+
+def test_mixed_dims_go_table_by_table():
+    configs = [TableConfig("C1", rows=9, dim=3, hidden=6), TableConfig("C2", rows=4, dim=2)]
     collection = EmbeddingCollection(configs).train()
     assert not collection._deduplicates_together()
-    ids = torch.tensor([[0, 1], [8, 3], [0, 3]])
-    if len({c.dim for c in configs}) == 1:
-        out = collection(ids)
-        assert out.shape == (3, 2, 3)
-        torch.testing.assert_close(out[:, 1], collection.tables[1](ids[:, 1]), rtol=0, atol=0)
-    else:
-        with pytest.raises(RuntimeError):  # no [B, T, D] with two widths
-            collection(ids)
+    with pytest.raises(RuntimeError):  # no [B, T, D] with two widths
+        collection(torch.tensor([[0, 1], [8, 3], [0, 3]]))
+
+
+def test_tables_without_row_dedup_go_table_by_table():
+    configs = [TableConfig("C1", rows=9, dim=3), TableConfig("C2", rows=4, dim=3)]
+    collection = EmbeddingCollection(configs).train()
+    collection.tables[0].deduplicate_rows = False
+    assert not collection._deduplicates_together()
+    ids = torch.tensor([[8, 3], [8, 3]])
+    collection(ids).sum().backward()
+    assert collection.tables[0].table.weight.grad._indices()[0].tolist() == [8, 8]
 
 
 @pytest.mark.parametrize("rows", [50, 10_000])  # mask below 2x the ids, unique() above

@@ -6,7 +6,7 @@ from mlet.data.dataset import load_dataset
 from mlet.embeddings import MultiLayerEmbedding, TableConfig
 from mlet.run import load_run
 from tests.conftest import tiny_train_config
-from train.sparse_adagrad import adagrad_with_row_sparse_tables
+from train.sparse_adagrad import distinct_rows, table_and_dense_parameters
 from train.trainer import TrainConfig, build_model, make_optimizer, train_model, train_run
 
 
@@ -189,9 +189,11 @@ def test_row_sparse_adagrad_matches_torch_adagrad(tiny_data, embedding, hidden):
     dataset = load_dataset(tiny_data)
     config = tiny_train_config(embedding=embedding, hidden=hidden, lr=0.05)
     torch.manual_seed(0)
-    reference = build_model(dataset, config)
     fast = build_model(dataset, config)
-    fast.load_state_dict(reference.state_dict())
+    reference = build_model(dataset, config)
+    reference.load_state_dict(fast.state_dict())
+    for table in reference.embeddings.tables:  # torch's coalescing path, table by table
+        table.deduplicate_rows = False
     rng = np.random.default_rng(1)
     index = [rng.integers(0, 3000, 32) for _ in range(5)]
     batches = [
@@ -202,16 +204,30 @@ def test_row_sparse_adagrad_matches_torch_adagrad(tiny_data, embedding, hidden):
         )
         for i in index
     ]
-    train_steps(reference.train(), config, batches)
-    optimizer = adagrad_with_row_sparse_tables(fast.train(), lr=0.05)
+    train_steps(fast.train(), config, batches)
+    tables, rest = table_and_dense_parameters(reference)
+    torch_adagrad = torch.optim.Adagrad([{"params": tables}, {"params": rest}], lr=0.05)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     for dense, sparse, labels in batches:
-        loss = loss_fn(fast(dense, sparse).squeeze(1), labels)
-        optimizer.zero_grad()
+        loss = loss_fn(reference.train()(dense, sparse).squeeze(1), labels)
+        torch_adagrad.zero_grad()
         loss.backward()
-        optimizer.step()
+        torch_adagrad.step()
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(fast.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [[1, 4, 7], [7, 1, 4], [1, 4, 4, 7], [3]],
+    ids=["ascending", "any order", "repeat", "one"],
+)
+def test_distinct_rows_sums_each_row_once(rows):
+    values = torch.arange(len(rows) * 2, dtype=torch.float32).view(-1, 2)
+    grad = torch.sparse_coo_tensor(torch.tensor([rows]), values, (9, 2))
+    found, summed = distinct_rows(grad)
+    expected = grad.coalesce()
+    assert torch.equal(found, expected.indices()[0]) and torch.equal(summed, expected.values())
 
 
 @pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from mlet.data.dataset import Dataset, split_rows
-from mlet.embeddings import MultiLayerEmbedding
-from train.sparse_adagrad import adagrad_with_row_sparse_tables
+from train.sparse_adagrad import table_and_dense_parameters
 from train.trainer import Batches, TrainConfig, build_model, make_optimizer, resolve_device
 
 
@@ -33,50 +32,51 @@ class OverheadConfig:
     device: str = "cpu"
     threads: int = 0
     with_dense_gradients: bool = True  # also time dense table gradients (no row sparsity)
-    with_row_sparse_adagrad: bool = True  # also time train.sparse_adagrad's table updates
+    with_torch_adagrad: bool = True  # also time the tables on torch's sparse Adagrad
 
 
 @dataclass(frozen=True)
 class Variant:
-    label: str
+    """One way to train: the trainer's (row dedup, row-sparse Adagrad) unless it says not."""
+
     embedding: str
     dim: int
     hidden: int | None = None
     sparse: bool = True
     deduplicate: bool = True
-    row_sparse_adagrad: bool = False  # train.sparse_adagrad instead of torch's sparse path
+    torch_adagrad: bool = False  # torch.optim.Adagrad's sparse path for the tables
+
+    @property
+    def label(self) -> str:
+        parts = [f"{self.embedding} d={self.dim}" + (f" k={self.hidden}" if self.hidden else "")]
+        parts += ["no row dedup"] if not self.deduplicate else []
+        parts += ["torch's sparse Adagrad"] if self.torch_adagrad else []
+        parts += ["dense gradients"] if not self.sparse else []
+        return ", ".join(parts)
 
 
 def variants(config: OverheadConfig) -> list[Variant]:
     d, widest = config.dim, max(config.hidden)
-    found = [Variant(f"full d={d}", "full", d)]
-    found += [Variant(f"mlet d={d} k={k}", "mlet", d, k) for k in config.hidden]
-    found.append(
-        Variant(f"mlet d={d} k={widest}, no row dedup", "mlet", d, widest, deduplicate=False)
-    )
-    if config.equal_accuracy_dim and config.equal_accuracy_dim != d:
-        found.append(
-            Variant(f"full d={config.equal_accuracy_dim}", "full", config.equal_accuracy_dim)
-        )
-    if config.with_row_sparse_adagrad:
-        found.append(Variant(f"full d={d}, row-sparse Adagrad", "full", d, row_sparse_adagrad=True))
-        if config.equal_accuracy_dim and config.equal_accuracy_dim != d:
-            equal = config.equal_accuracy_dim
-            found.append(
-                Variant(
-                    f"full d={equal}, row-sparse Adagrad", "full", equal, row_sparse_adagrad=True
-                )
-            )
-        found += [
-            Variant(f"mlet d={d} k={k}, row-sparse Adagrad", "mlet", d, k, row_sparse_adagrad=True)
-            for k in config.hidden
-        ]
+    equal = config.equal_accuracy_dim if config.equal_accuracy_dim != d else None
+    found = [Variant("full", d)]
+    found += [Variant("mlet", d, k) for k in config.hidden]
+    found += [Variant("full", equal)] if equal else []
+    found += [Variant("full", d, deduplicate=False), Variant("mlet", d, widest, deduplicate=False)]
+    if config.with_torch_adagrad:
+        found.append(Variant("full", d, torch_adagrad=True))
+        # table by table with torch's Adagrad: how full tables trained before sharing row dedup
+        found.append(Variant("full", d, deduplicate=False, torch_adagrad=True))
+        found += [Variant("full", equal, torch_adagrad=True)] if equal else []
+        found += [Variant("mlet", d, k, torch_adagrad=True) for k in config.hidden]
     if config.with_dense_gradients:
-        found.append(Variant(f"full d={d}, dense gradients", "full", d, sparse=False))
-        found.append(
-            Variant(f"mlet d={d} k={widest}, dense gradients", "mlet", d, widest, sparse=False)
-        )
+        found += [Variant("full", d, sparse=False), Variant("mlet", d, widest, sparse=False)]
     return found
+
+
+def torch_adagrad(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """torch's Adagrad for everything: its sparse path (coalesce, sparse_mask) for tables."""
+    tables, rest = table_and_dense_parameters(model)
+    return torch.optim.Adagrad([{"params": tables}, {"params": rest, "foreach": True}], lr=lr)
 
 
 class Timed:
@@ -93,10 +93,9 @@ class Timed:
         self.variant = variant
         self.model = build_model(dataset, config).to(device).train()
         for table in self.model.embeddings.tables:
-            if isinstance(table, MultiLayerEmbedding):
-                table.deduplicate_rows = variant.deduplicate  # instance attribute: this model only
-        if variant.row_sparse_adagrad:
-            self.optimizer = adagrad_with_row_sparse_tables(self.model, config.lr)
+            table.deduplicate_rows = variant.deduplicate  # instance attribute: this model only
+        if variant.torch_adagrad:
+            self.optimizer = torch_adagrad(self.model, config.lr)
         else:
             self.optimizer = make_optimizer(self.model, config)
         self.loss = nn.BCEWithLogitsLoss()
@@ -148,6 +147,7 @@ def measure_overhead(dataset: Dataset, config: OverheadConfig) -> dict:
         parts = np.median(np.array(samples[t.variant.label]), axis=0)
         rows.append(
             {
+                "label": t.variant.label,
                 **asdict(t.variant),
                 "forward_ms": parts[0] * 1e3,
                 "backward_ms": parts[1] * 1e3,
@@ -166,18 +166,18 @@ def measure_overhead(dataset: Dataset, config: OverheadConfig) -> dict:
 
 
 def add_ratios(rows: list[dict], config: OverheadConfig) -> None:
-    """Ratios to the full tables trained the same way (same optimizer, same gradients)."""
-    by_label = {r["label"]: r for r in rows}
+    """Ratios to the full tables trained the same way (optimizer, gradient kind, row dedup)."""
+    full = {
+        (r["dim"], r["sparse"], r["torch_adagrad"]): r["total_ms"]
+        for r in rows
+        if r["embedding"] == "full" and r["deduplicate"]
+    }
     for row in rows:
-        suffix = ""
-        if row["row_sparse_adagrad"]:
-            suffix = ", row-sparse Adagrad"
-        elif not row["sparse"]:
-            suffix = ", dense gradients"
-        same = by_label[f"full d={config.dim}{suffix}"]["total_ms"]
-        equal = by_label.get(f"full d={config.equal_accuracy_dim}{suffix}")
+        same_way = (row["sparse"], row["torch_adagrad"])
+        same = full[(config.dim, *same_way)]
+        equal = full.get((config.equal_accuracy_dim, *same_way))
         row["vs_full_same_dim"] = row["total_ms"] / same
-        row["vs_full_equal_accuracy"] = row["total_ms"] / equal["total_ms"] if equal else None
+        row["vs_full_equal_accuracy"] = row["total_ms"] / equal if equal else None
 
 
 def overhead_table(result: dict) -> str:
@@ -186,8 +186,10 @@ def overhead_table(result: dict) -> str:
     lines = [
         f"Device: {result['device_name']} ({result['device']}), torch threads "
         f"{result['torch_threads']}, batch {result['config']['batch_size']}, median of "
-        f"{result['config']['rounds']} rounds of {result['config']['steps']} steps. Ratios "
-        "are to the full table trained the same way (optimizer, gradient kind).",
+        f"{result['config']['rounds']} rounds of {result['config']['steps']} steps. Unless a "
+        "row says otherwise, tables train as `mlet train` trains them: each distinct id of a "
+        "batch looked up once, row-sparse Adagrad. Ratios are to the full table trained the "
+        "same way (optimizer, gradient kind), with row dedup.",
         "",
         "| variant | forward ms | backward ms | optimizer ms | step ms | vs full same d | "
         f"vs full d={equal or '-'} |",

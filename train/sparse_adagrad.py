@@ -4,8 +4,10 @@ The same update as torch.optim.Adagrad (no weight decay, no lr decay, initial ac
 0): for each touched row r, sum[r] += g[r]^2 and w[r] -= lr * g[r] / (sqrt(sum[r]) + eps).
 torch's sparse path builds several sparse tensors per table and step (coalesce, pow,
 sparse_mask, division); on CPU with many small tables that bookkeeping, not the
-arithmetic, is most of a training step. Here each table's step is a coalesce and a
-handful of index_select / index_add_ calls on the touched rows only.
+arithmetic, is most of a training step. Here each table's step is a handful of
+index_select / index_add_ calls on the touched rows only, and the coalesce (a sort and a
+copy of the values) is skipped when the gradient already holds each row once in
+ascending order, as the grouped lookup of `mlet.embeddings.EmbeddingCollection` gives it.
 """
 
 from __future__ import annotations
@@ -39,11 +41,22 @@ class RowSparseAdagrad(torch.optim.Optimizer):
             state["sum"].addcmul_(grad, grad)
             param.addcdiv_(grad, state["sum"].sqrt().add_(eps), value=-lr)
             return
-        grad = grad.coalesce()  # one row per id, duplicates summed
-        rows, values = grad.indices()[0], grad.values()  # [U], [U, D]
+        rows, values = distinct_rows(grad)  # [U], [U, D]
         sums = state["sum"].index_select(0, rows).addcmul_(values, values)
         state["sum"].index_copy_(0, rows, sums)
         param.index_add_(0, rows, values / sums.sqrt_().add_(eps), alpha=-lr)
+
+
+def distinct_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row-sparse gradient's rows [U] and values [U, ...], each row once (summed)."""
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        # Strictly ascending rows are already coalesced; checking costs three small ops
+        # where coalesce() sorts and copies. Anything else (duplicates, any order) is
+        # coalesced, so the check decides speed, never the result.
+        if not bool((rows[1:] > rows[:-1]).all()):
+            grad = grad.coalesce()
+    return grad._indices()[0], grad._values()
 
 
 class Optimizers:
@@ -60,6 +73,10 @@ class Optimizers:
         for optimizer in self.optimizers:
             optimizer.step()
 
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
 
 def table_and_dense_parameters(
     model: torch.nn.Module,
@@ -68,10 +85,3 @@ def table_and_dense_parameters(
     tables = [p for n, p in model.named_parameters() if n.endswith("table.weight")]
     table_ids = {id(p) for p in tables}
     return tables, [p for p in model.parameters() if id(p) not in table_ids]
-
-
-def adagrad_with_row_sparse_tables(model: torch.nn.Module, lr: float) -> Optimizers:
-    """RowSparseAdagrad for the tables, torch's Adagrad for the rest, one learning rate."""
-    tables, rest = table_and_dense_parameters(model)
-    dense = torch.optim.Adagrad(rest, lr=lr, foreach=True)  # see train.trainer.make_optimizer
-    return Optimizers(RowSparseAdagrad(tables, lr=lr), dense)

@@ -2,8 +2,8 @@
 
 Optimizer: Adagrad by default, as in the MLET paper's DLRM runs (SGD is the other choice).
 Embedding tables produce sparse gradients and Adagrad updates only the rows a batch
-touched, so a step costs in proportion to the batch, not to the table; the MLPs and
-MLET's projections are dense and updated every step.
+touched (`train.sparse_adagrad`), so a step costs in proportion to the batch, not to the
+table; the MLPs and MLET's projections are dense and updated every step.
 
 Epochs run until validation AUC stops improving for `patience` epochs or `epochs` is
 reached; the best epoch's weights are restored before the test evaluation and saved.
@@ -25,7 +25,7 @@ from mlet.dlrm import DLRM, DLRMConfig, build_config
 from mlet.files import staged_directory
 from mlet.metrics import classification_metrics
 from mlet.run import software_versions, write_run
-from train.sparse_adagrad import table_and_dense_parameters
+from train.sparse_adagrad import Optimizers, RowSparseAdagrad, table_and_dense_parameters
 
 OPTIMIZERS = ("adagrad", "sgd")
 # "paper": tables uniform in +-sqrt(1/N) (DLRM's and the MLET paper's); "normal": tables
@@ -114,19 +114,20 @@ def build_model(dataset: Dataset, config: TrainConfig) -> DLRM:
     return model
 
 
-def make_optimizer(model: DLRM, config: TrainConfig) -> torch.optim.Optimizer:
-    """One optimizer, two groups: embedding tables (sparse gradients) and the rest (dense)."""
+def make_optimizer(model: DLRM, config: TrainConfig) -> Optimizers:
+    """The tables' optimizer (row-sparse updates) and the rest's (dense), stepped as one."""
     tables, rest = table_and_dense_parameters(model)
+    table_lr = config.embedding_lr or config.lr
     # foreach on the dense group: one call per update for all its tensors (the MLPs and
     # MLET's T projections) instead of a Python loop over them; the same numbers on CPU.
-    # The tables' sparse gradients need the per-tensor path.
-    groups = [
-        {"params": tables, "lr": config.embedding_lr or config.lr},
-        {"params": rest, "lr": config.lr, "foreach": True},
-    ]
     if config.optimizer == "adagrad":
-        return torch.optim.Adagrad(groups, lr=config.lr)
-    return torch.optim.SGD(groups, lr=config.lr)
+        return Optimizers(
+            RowSparseAdagrad(tables, lr=table_lr),
+            torch.optim.Adagrad(rest, lr=config.lr, foreach=True),
+        )
+    return Optimizers(
+        torch.optim.SGD(tables, lr=table_lr), torch.optim.SGD(rest, lr=config.lr, foreach=True)
+    )
 
 
 class Batches:
