@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 import os
 
+import gevent
 import orjson
-from locust import FastHttpUser, task
+from locust import FastHttpUser, events, task
 
 from bench.requests import RequestFactory
 from mlet.files import read_json
@@ -33,6 +34,18 @@ def _bodies() -> list[tuple[bytes, dict[str, str]]]:
 
 
 BODIES = _bodies()
+
+
+@events.init.add_listener
+def _refresh_event_loop_clock(**_) -> None:
+    """Make `--run-time` count from now, not from when gevent's loop was created.
+
+    Locust arms its run-time timer with gevent.spawn_later, which counts from the loop's
+    cached clock; that clock was last read when the loop was created, before this file
+    was imported. On a busy machine the imports take seconds, and a short run ended
+    before its first request.
+    """
+    gevent.get_hub().loop.update_now()
 
 
 class InferenceUser(FastHttpUser):
