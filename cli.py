@@ -70,7 +70,12 @@ def cmd_study(args: argparse.Namespace) -> None:
     options = {name: getattr(args, name) for name in fields}
     grid = {name: getattr(args, name) for name in GRID_OPTIONS}
     command = StudyCommand(
-        **options, device=args.device, stage=args.stage, title=args.title, grid=grid
+        **options,
+        device=args.device,
+        stage=args.stage,
+        title=args.title,
+        grid=grid,
+        overhead_widths=args.overhead_widths,
     )
     report = run_study_command(command)
     print(f"report: {report}")
@@ -358,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     study.add_argument("--stage", choices=["all", "grid", "overhead", "report"], default="all")
     study.add_argument("--title", help="name used in the report and plots")
+    study.add_argument(
+        "--overhead-widths",
+        type=int_list,
+        metavar="D,EQUAL",
+        help="MLET width to time and the full width of equal accuracy (default: the study's)",
+    )
     for name in GRID_OPTIONS:
         flag = "--" + name.replace("_", "-")
         study.add_argument(flag, type=int_list, help=f"a subset of the grid's {name}")

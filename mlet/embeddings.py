@@ -114,14 +114,14 @@ class MultiLayerEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B] or [B, H] -> [B, D]; pooling before the projection is exact and cheaper."""
         if self.deduplicate_rows and self.training and torch.is_grad_enabled():
-            return self._forward_unique_rows(ids)
+            return self._forward_distinct_rows(ids)
         return self.projection(_pool(self.table(ids), ids))
 
     def lookup_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [U] -> [U, D], one vector per id, no pooling."""
         return self.projection(self.table(ids))
 
-    def _forward_unique_rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def _forward_distinct_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The same function, projecting each distinct id once.
 
         Skewed ids repeat within a batch, so looking up and projecting the U distinct rows

@@ -320,3 +320,32 @@ def test_overhead_measures_every_variant_against_the_matching_full_table(tiny_da
     assert rows[f"full d=8{adagrad}"]["vs_full_equal_accuracy"] == 1.0
     assert rows["mlet d=2 k=4, dense gradients"]["vs_full_equal_accuracy"] is None
     assert "| mlet d=2 k=4 |" in overhead_table(result)
+
+
+def test_overhead_stage_times_the_widths_given(tiny_data, tmp_path, monkeypatch):
+    import train.study_command as study_command
+    from cli import build_parser
+
+    seen = {}
+
+    def fake_measure(dataset, config):
+        seen["config"] = config
+        return {"config": {}, "rows": []}
+
+    monkeypatch.setattr(study_command, "measure_overhead", fake_measure)
+    monkeypatch.setattr(study_command, "overhead_table", lambda result: "")
+    args = build_parser().parse_args(
+        ["study", "--data", str(tiny_data), "--stage", "overhead", "--overhead-widths", "2,8"]
+    )
+    command = study_command.StudyCommand(
+        data=args.data,
+        out=str(tmp_path / "s"),
+        stage="overhead",
+        overhead_widths=args.overhead_widths,
+    )
+    # no grid in the folder: the measurement alone, at the widths given
+    assert study_command.run_study_command(command) == tmp_path / "s" / "overhead.json"
+    assert (seen["config"].dim, seen["config"].equal_accuracy_dim) == (2, 8)
+    assert seen["config"].hidden == (16, 32, 64, 128)
+    with pytest.raises(ValueError, match="overhead widths"):
+        study_command.StudyCommand(data="x", overhead_widths=(4,))

@@ -30,6 +30,15 @@ class StudyCommand:
     stage: str = "all"
     title: str | None = None
     grid: dict | None = None  # overrides of full_dims, mlet_dims, mlet_hidden, ... (a subset)
+    # (MLET width, full width of equal accuracy) to time; default: the study's verdicts
+    overhead_widths: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        widths = self.overhead_widths
+        if widths is not None and (len(widths) != 2 or min(widths) < 1):
+            raise ValueError(
+                f"overhead widths are an MLET width and a full width, both positive, got {widths}"
+            )
 
     def study_config(self) -> StudyConfig:
         config = quick_config() if self.quick else StudyConfig()
@@ -52,9 +61,15 @@ class StudyCommand:
         return Path("results") / f"study-{Path(self.data).resolve().name}{suffix}"
 
 
-def run_overhead(data: str | Path, out: Path, config: StudyConfig, device: str) -> dict:
-    """Time MLET against full tables at the widths the study picked; write overhead.*."""
-    dim, equal_dim = overhead_widths(out)
+def run_overhead(
+    data: str | Path,
+    out: Path,
+    config: StudyConfig,
+    device: str,
+    widths: tuple[int, int] | None = None,
+) -> dict:
+    """Time MLET against full tables at `widths` or the widths the study picked."""
+    dim, equal_dim = widths or overhead_widths(out)
     hidden = tuple(k for k in StudyConfig().mlet_hidden if k >= dim)
     overhead = OverheadConfig(
         dim=dim, hidden=hidden, equal_accuracy_dim=equal_dim, device=device, threads=config.threads
@@ -78,7 +93,7 @@ def run_study_command(command: StudyCommand) -> Path:
     if command.stage == "overhead" or (
         command.stage == "all" and not (out / "overhead.json").is_file()
     ):
-        run_overhead(command.data, out, config, command.device)
+        run_overhead(command.data, out, config, command.device, command.overhead_widths)
     if not load_cells(out):  # an overhead measurement alone, e.g. on a GPU machine
         return out / "overhead.json"
     return write_report(out, command.title)
