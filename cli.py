@@ -21,6 +21,13 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def int_pair(text: str) -> tuple[int, int]:
+    values = int_list(text)
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected two positive integers A,B, got {text!r}")
+    return values
+
+
 def name_list(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names:
@@ -365,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--title", help="name used in the report and plots")
     study.add_argument(
         "--overhead-widths",
-        type=int_list,
+        type=int_pair,
         metavar="D,EQUAL",
         help="MLET width to time and the full width of equal accuracy (default: the study's)",
     )

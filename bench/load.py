@@ -31,6 +31,7 @@ from mlet.spec import ExportSpec
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 HOST = "127.0.0.1"
 WARM_UP_REQUESTS = 5
+WARM_UP_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -214,14 +215,16 @@ def warm_up(url: str, model: str, manifest: dict, config: LoadConfig) -> None:
     not the steady state a load test measures, and a server that cannot answer fails here
     with its reply instead of as a load run with no completed request.
     """
-    factory = RequestFactory(ExportSpec.from_dict(manifest["spec"]), config.zipf_exponent)
+    # another seed than the locustfile's, so that no timed request repeats a warm-up one
+    spec = ExportSpec.from_dict(manifest["spec"])
+    factory = RequestFactory(spec, config.zipf_exponent, seed=1)
     for _ in range(WARM_UP_REQUESTS):
         body, headers = factory.body(config.rows, config.binary)
         request = urllib.request.Request(
             f"{url}/v2/models/{model}/infer", data=body, headers=headers, method="POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
+            with urllib.request.urlopen(request, timeout=WARM_UP_TIMEOUT_S) as response:
                 response.read()
         except urllib.error.HTTPError as e:
             reply = e.read()[:300].decode(errors="replace")

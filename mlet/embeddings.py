@@ -189,6 +189,7 @@ class EmbeddingCollection(nn.Module):
         self.tables = nn.ModuleList(make_embedding(t, sparse=sparse) for t in tables)
         rows = torch.tensor([t.rows for t in tables], dtype=torch.int64)
         # Not persistent: derived from the configs, so checkpoints keep their keys.
+        self.register_buffer("table_rows", rows, persistent=False)
         self.register_buffer("id_offsets", torch.cumsum(rows, 0) - rows, persistent=False)
         self.total_rows = int(rows.sum())
 
@@ -212,6 +213,7 @@ class EmbeddingCollection(nn.Module):
         measured slower at k=128 and no faster at k=16 (docs/results.md, "Training
         overhead").
         """
+        self._check_ids_in_range(ids)
         offsets = self.id_offsets.view(1, -1, *[1] * (ids.dim() - 2))
         unique, inverse = _distinct(ids + offsets, self.total_rows)  # [U], like ids
         # unique is sorted, so each table's ids are one contiguous run, starting at its offset
@@ -226,6 +228,22 @@ class EmbeddingCollection(nn.Module):
         )  # [U, D]
         gathered = vectors.index_select(0, inverse.flatten()).view(*inverse.shape, -1)
         return gathered.sum(dim=2) if ids.dim() == 3 else gathered  # [B, T, D]
+
+    def _check_ids_in_range(self, ids: torch.Tensor) -> None:
+        """Refuse an id outside its table, as nn.Embedding does table by table.
+
+        In the shared id space an id past its table's rows would silently read the next
+        table's rows.
+        """
+        rows = self.table_rows.view(1, -1, *[1] * (ids.dim() - 2))
+        outside = (ids < 0) | (ids >= rows)
+        if bool(outside.any()):
+            position = outside.nonzero()[0].tolist()
+            table = self.configs[position[1]]
+            raise IndexError(
+                f"table {table.name}: ids must lie in [0, {table.rows}), "
+                f"got {int(ids[tuple(position)])}"
+            )
 
     def collapse(self) -> list[torch.Tensor]:
         return [table.collapse() for table in self.tables]

@@ -78,7 +78,7 @@ def test_collapsed_dlrm_matches_trained_model(hotness):
 
 def _grouped_and_per_table(configs, ids):
     """Outputs and gradients in training: the collection's grouped path, then each table's
-    own forward (its per-table row dedup, the path training took before grouping)."""
+    own forward (an MLET table's own row dedup, a full table's plain lookup)."""
     torch.manual_seed(3)
     collection = EmbeddingCollection(configs).train()
     weights = torch.randn(*ids.shape[:2], configs[0].dim)  # a loss with gradients near 1
@@ -167,3 +167,12 @@ def test_distinct_matches_torch_unique(rows):
     unique, inverse = _distinct(ids, rows)
     expected_unique, expected_inverse = torch.unique(ids, return_inverse=True)
     assert torch.equal(unique, expected_unique) and torch.equal(inverse, expected_inverse)
+
+
+@pytest.mark.parametrize("bad_id", [4, -1])
+def test_grouped_lookup_refuses_an_id_outside_its_table(bad_id):
+    configs = [TableConfig("C1", rows=9, dim=3), TableConfig("C2", rows=4, dim=3, hidden=5)]
+    collection = EmbeddingCollection(configs).train()
+    ids = torch.tensor([[8, 3], [0, bad_id]])  # 4 would be row 0 of the next table's space
+    with pytest.raises(IndexError, match=rf"table C2: ids must lie in \[0, 4\), got {bad_id}"):
+        collection(ids)

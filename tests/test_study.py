@@ -320,6 +320,10 @@ def test_overhead_measures_every_variant_against_the_matching_full_table(tiny_da
     assert rows[f"full d=8{adagrad}"]["vs_full_equal_accuracy"] == 1.0
     assert rows["mlet d=2 k=4, dense gradients"]["vs_full_equal_accuracy"] is None
     assert "| mlet d=2 k=4 |" in overhead_table(result)
+    assert "row-sparse Adagrad" in overhead_table(result)
+    # a result measured before row dedup of full tables keeps the description it had
+    old_rows = [{k: v for k, v in r.items() if k != "torch_adagrad"} for r in result["rows"]]
+    assert "row-sparse" not in overhead_table({**result, "rows": old_rows})
 
 
 def test_overhead_stage_times_the_widths_given(tiny_data, tmp_path, monkeypatch):
@@ -334,18 +338,21 @@ def test_overhead_stage_times_the_widths_given(tiny_data, tmp_path, monkeypatch)
 
     monkeypatch.setattr(study_command, "measure_overhead", fake_measure)
     monkeypatch.setattr(study_command, "overhead_table", lambda result: "")
+    out = tmp_path / "s"
     args = build_parser().parse_args(
-        ["study", "--data", str(tiny_data), "--stage", "overhead", "--overhead-widths", "2,8"]
-    )
-    command = study_command.StudyCommand(
-        data=args.data,
-        out=str(tmp_path / "s"),
-        stage="overhead",
-        overhead_widths=args.overhead_widths,
-    )
-    # no grid in the folder: the measurement alone, at the widths given
-    assert study_command.run_study_command(command) == tmp_path / "s" / "overhead.json"
+        ["study", "--data", str(tiny_data), "--out", str(out), "--stage", "overhead",
+         "--overhead-widths", "2,8"]
+    )  # fmt: skip
+    args.handler(args)  # no grid in the folder: the measurement alone, at the widths given
+    assert (out / "overhead.json").is_file()
     assert (seen["config"].dim, seen["config"].equal_accuracy_dim) == (2, 8)
     assert seen["config"].hidden == (16, 32, 64, 128)
     with pytest.raises(ValueError, match="overhead widths"):
         study_command.StudyCommand(data="x", overhead_widths=(4,))
+    too_wide = study_command.StudyCommand(
+        data=str(tiny_data), out=str(out), stage="overhead", overhead_widths=(256, 512)
+    )
+    with pytest.raises(ValueError, match="no inner width k >= d=256"):
+        study_command.run_study_command(too_wide)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["study", "--data", "x", "--overhead-widths", "4"])

@@ -148,7 +148,7 @@ def test_sparse_updates_equal_dense_updates(tiny_data, optimizer, embedding, hid
     assert not torch.equal(weight[touched], initial["embeddings.tables.2.table.weight"][touched])
 
 
-def test_mlet_unique_row_forward_is_the_same_function_and_gradient():
+def test_mlet_distinct_row_forward_is_the_same_function_and_gradient():
     torch.manual_seed(0)
     table = MultiLayerEmbedding(TableConfig("C1", rows=30, dim=3, hidden=8))
     ids = torch.tensor([[4, 4, 7], [7, 29, 4]])  # repeated ids, multi-hot
@@ -228,6 +228,29 @@ def test_distinct_rows_sums_each_row_once(rows):
     found, summed = distinct_rows(grad)
     expected = grad.coalesce()
     assert torch.equal(found, expected.indices()[0]) and torch.equal(summed, expected.values())
+    # ascending rows are used as they are, without the copy coalesce() makes
+    ascending = rows == sorted(set(rows))
+    assert (summed.data_ptr() == grad._values().data_ptr()) == ascending
+
+
+def test_distinct_rows_takes_empty_and_coalesced_gradients():
+    empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 2), (9, 2))
+    rows, values = distinct_rows(empty)
+    assert rows.numel() == 0 and values.shape == (0, 2)
+    coalesced = torch.sparse_coo_tensor(torch.tensor([[5, 1]]), torch.ones(2, 2), (9, 2)).coalesce()
+    assert distinct_rows(coalesced)[0].tolist() == [1, 5]
+    with pytest.raises(ValueError, match="sparse along rows only"):
+        distinct_rows(torch.eye(3).to_sparse())
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+def test_tables_get_their_own_learning_rate(tiny_data, optimizer):
+    model = build_model(load_dataset(tiny_data), tiny_train_config())
+    config = TrainConfig(optimizer=optimizer, lr=0.01, embedding_lr=0.2)
+    tables, rest = make_optimizer(model, config).param_groups
+    assert (tables["lr"], rest["lr"]) == (0.2, 0.01)
+    assert all(p.ndim == 2 and p.shape[0] >= 1 for p in tables["params"])
+    assert len(tables["params"]) == len(model.embeddings.tables)
 
 
 @pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])

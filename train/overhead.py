@@ -73,7 +73,7 @@ def variants(config: OverheadConfig) -> list[Variant]:
     return found
 
 
-def torch_adagrad(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def torch_sparse_adagrad(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """torch's Adagrad for everything: its sparse path (coalesce, sparse_mask) for tables."""
     tables, rest = table_and_dense_parameters(model)
     return torch.optim.Adagrad([{"params": tables}, {"params": rest, "foreach": True}], lr=lr)
@@ -95,7 +95,7 @@ class Timed:
         for table in self.model.embeddings.tables:
             table.deduplicate_rows = variant.deduplicate  # instance attribute: this model only
         if variant.torch_adagrad:
-            self.optimizer = torch_adagrad(self.model, config.lr)
+            self.optimizer = torch_sparse_adagrad(self.model, config.lr)
         else:
             self.optimizer = make_optimizer(self.model, config)
         self.loss = nn.BCEWithLogitsLoss()
@@ -180,16 +180,25 @@ def add_ratios(rows: list[dict], config: OverheadConfig) -> None:
         row["vs_full_equal_accuracy"] = row["total_ms"] / equal if equal else None
 
 
+def variants_note(result: dict) -> str:
+    """What the rows without a qualifier mean; older results (no torch_adagrad field) differ."""
+    if result["rows"] and "torch_adagrad" not in result["rows"][0]:
+        return "Ratios are to the full table trained the same way (optimizer, gradient kind)."
+    return (
+        "Unless a row says otherwise, tables train as `mlet train` trains them: each distinct "
+        "id of a batch looked up once, row-sparse Adagrad. Ratios are to the full table "
+        "trained the same way (optimizer, gradient kind), with row dedup."
+    )
+
+
 def overhead_table(result: dict) -> str:
     """The figures as a Markdown table."""
     equal = result["config"]["equal_accuracy_dim"]
     lines = [
         f"Device: {result['device_name']} ({result['device']}), torch threads "
         f"{result['torch_threads']}, batch {result['config']['batch_size']}, median of "
-        f"{result['config']['rounds']} rounds of {result['config']['steps']} steps. Unless a "
-        "row says otherwise, tables train as `mlet train` trains them: each distinct id of a "
-        "batch looked up once, row-sparse Adagrad. Ratios are to the full table trained the "
-        "same way (optimizer, gradient kind), with row dedup.",
+        f"{result['config']['rounds']} rounds of {result['config']['steps']} steps. "
+        + variants_note(result),
         "",
         "| variant | forward ms | backward ms | optimizer ms | step ms | vs full same d | "
         f"vs full d={equal or '-'} |",

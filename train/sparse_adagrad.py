@@ -49,6 +49,10 @@ class RowSparseAdagrad(torch.optim.Optimizer):
 
 def distinct_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A row-sparse gradient's rows [U] and values [U, ...], each row once (summed)."""
+    if grad.sparse_dim() != 1:
+        raise ValueError(
+            f"expected a gradient sparse along rows only, got {grad.sparse_dim()} sparse dims"
+        )
     if not grad.is_coalesced():
         rows = grad._indices()[0]
         # Strictly ascending rows are already coalesced; checking costs three small ops
@@ -60,7 +64,12 @@ def distinct_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Optimizers:
-    """Several optimizers stepped as one (tables and the dense rest)."""
+    """Several optimizers stepped as one (tables and the dense rest).
+
+    Only what training here uses: zero_grad, step and the optimizers' param_groups in
+    order (the tables' first). It is not a torch.optim.Optimizer: no state_dict, no
+    learning-rate schedulers.
+    """
 
     def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
         self.optimizers = optimizers

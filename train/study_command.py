@@ -71,6 +71,10 @@ def run_overhead(
     """Time MLET against full tables at `widths` or the widths the study picked."""
     dim, equal_dim = widths or overhead_widths(out)
     hidden = tuple(k for k in StudyConfig().mlet_hidden if k >= dim)
+    if not hidden:
+        raise ValueError(
+            f"no inner width k >= d={dim} among {StudyConfig().mlet_hidden} to time MLET with"
+        )
     overhead = OverheadConfig(
         dim=dim, hidden=hidden, equal_accuracy_dim=equal_dim, device=device, threads=config.threads
     )
