@@ -59,6 +59,7 @@ def saturated(previous: dict | None, current: dict, gain: float) -> bool:
 def sweep_once(repo: Path, model: str, config: SweepConfig, out: Path, first: bool) -> dict:
     """Every step of every request kind against one server process."""
     manifest = repo / model / "manifest.json"
+    manifest_data = read_json(manifest)
     curves = {}
     with running_server(repo, [model], *config.server_args) as (url, server):
         rss_loaded = server.memory_info().rss
@@ -66,7 +67,7 @@ def sweep_once(repo: Path, model: str, config: SweepConfig, out: Path, first: bo
             steps, previous = [], None
             key = f"{model}/{kind.name}"
             planned = kind.users if first else config.steps_run[key]
-            warm_up(url, model, read_json(manifest), LoadConfig(rows=kind.rows, binary=kind.binary))
+            warm_up(url, model, manifest_data, LoadConfig(rows=kind.rows, binary=kind.binary))
             for users in planned:
                 load = LoadConfig(
                     users=users,

@@ -169,6 +169,11 @@ def _distinct(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]
     return seen.nonzero().squeeze(1), rank[ids]
 
 
+def _along_tables(per_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A [T] tensor shaped to broadcast against ids [B, T] or [B, T, H]."""
+    return per_table.view(1, -1, *[1] * (ids.dim() - 2))
+
+
 class EmbeddingCollection(nn.Module):
     """All tables of a model; looks up one [B, T] or [B, T, H] id tensor at once.
 
@@ -214,7 +219,7 @@ class EmbeddingCollection(nn.Module):
         overhead").
         """
         self._check_ids_in_range(ids)
-        offsets = self.id_offsets.view(1, -1, *[1] * (ids.dim() - 2))
+        offsets = _along_tables(self.id_offsets, ids)
         unique, inverse = _distinct(ids + offsets, self.total_rows)  # [U], like ids
         # unique is sorted, so each table's ids are one contiguous run, starting at its offset
         starts = torch.searchsorted(unique, self.id_offsets)  # [T]
@@ -235,8 +240,7 @@ class EmbeddingCollection(nn.Module):
         In the shared id space an id past its table's rows would silently read the next
         table's rows.
         """
-        rows = self.table_rows.view(1, -1, *[1] * (ids.dim() - 2))
-        outside = (ids < 0) | (ids >= rows)
+        outside = (ids < 0) | (ids >= _along_tables(self.table_rows, ids))
         if bool(outside.any()):
             position = outside.nonzero()[0].tolist()
             table = self.configs[position[1]]
