@@ -42,6 +42,7 @@ from export.sources import RunWeights
 from export.tensorrt_checks import check_tensorrt_file
 from export.triton_config import render_config
 from mlet.data.dataset import load_dataset, split_rows
+from mlet.data.transform import copy_vocabularies
 from mlet.dlrm import DLRM
 from mlet.files import install_directory, new_staging_directory, read_json, sha256_file, write_json
 from mlet.metrics import roc_auc
@@ -512,6 +513,7 @@ def finish_manifest(stage: VariantExport, seconds: float) -> None:
     """Write config.pbtxt and manifest.json into the staging folder."""
     spec = ExportSpec.from_dict(stage.manifest["spec"])
     platform = stage.manifest["platform"]
+    copy_vocabularies(stage.manifest["source_run"], stage.staging)  # `mlet predict` reads them
     (stage.staging / CONFIG_FILE).write_text(render_config(stage.name, spec, platform))
     files = file_entries(stage.staging)
     stage.manifest = {
