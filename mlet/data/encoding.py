@@ -131,10 +131,30 @@ def string_keys(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     offsets, _ = binary_parts(array)
     present = np.diff(offsets) != 0
     encoded = array.dictionary_encode()
+    check_utf8(encoded)
     distinct = fnv1a64(encoded.dictionary)
     keys = distinct[encoded.indices.to_numpy(zero_copy_only=False)]
     keys[~present] = 0
     return keys, ~present
+
+
+def check_utf8(encoded: pa.DictionaryArray) -> None:
+    """Refuse undecodable bytes; only the distinct values are checked (in C++)."""
+    try:
+        encoded.dictionary.view(pa.string()).validate(full=True)
+    except pa.ArrowInvalid:
+        bad = next(i for i, v in enumerate(encoded.dictionary.to_pylist()) if not_utf8(v))
+        indices = encoded.indices.to_numpy(zero_copy_only=False)
+        row = int(np.flatnonzero(indices == bad)[0])
+        raise BadValue(row, f"undecodable bytes (not UTF-8): {encoded.dictionary[bad]}") from None
+
+
+def not_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def fnv1a64(array: pa.Array) -> np.ndarray:
@@ -209,10 +229,8 @@ class TableEncoder:
 
     def encode(self, keys: np.ndarray, missing: np.ndarray) -> np.ndarray:
         """int32 ids of `keys` (any shape); missing values get id 0."""
-        if self.encoding == "hash":
-            ids = (keys % np.uint64(self.hash_size)).astype(np.int64) + 1
-        else:
-            ids = self.vocabulary_ids(keys)
+        hashing = self.encoding == "hash"
+        ids = hashed(keys, self.hash_size) if hashing else self.vocabulary_ids(keys)
         ids[missing] = MISSING_ID
         return ids.astype(np.int32)
 
@@ -232,6 +250,13 @@ class TableEncoder:
         return lookup[encoded.indices.to_numpy()].reshape(keys.shape)
 
 
+def hashed(keys: np.ndarray, size: int) -> np.ndarray:
+    """1 + key mod size; in 32 bits when the keys fit (Criteo's do), which divides faster."""
+    if size < 2**32 and keys.size and int(keys.max()) < 2**32:
+        return (keys.astype(np.uint32) % np.uint32(size)).astype(np.int64) + 1
+    return (keys % np.uint64(size)).astype(np.int64) + 1
+
+
 def vocabulary_file(folder: Path, table: str) -> Path:
     return Path(folder) / f"vocab.{table}.npy"
 
@@ -249,7 +274,7 @@ def load_vocabulary(folder: Path, table: str) -> np.ndarray:
 class KeyCounter:
     """Counts of keys over many batches, merged as it grows (a map-reduce in one process)."""
 
-    def __init__(self, merge_above: int = 4_000_000) -> None:
+    def __init__(self, merge_above: int = 1_000_000) -> None:
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
         self.size = 0
         self.merge_above = merge_above

@@ -13,8 +13,11 @@ encoded as they are read.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import queue
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -60,7 +63,7 @@ class ConvertConfig:
     max_rows: int | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.1
-    chunk_rows: int = 131_072
+    chunk_rows: int = 32_768
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -165,6 +168,40 @@ def chunks(sources: list[Path], fmt: SourceFormat, rows: int, chunk_rows: int) -
             start += pending_rows
 
 
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """Run `items` in a thread `depth` items ahead: parsing (pyarrow) overlaps encoding
+    (numpy); both release the GIL. Errors reach the consumer in order."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slots.put((item, None))
+        except BaseException as e:  # handed to the consumer, which raises it
+            slots.put((None, e))
+            return
+        slots.put((None, StopIteration()))
+
+    worker = threading.Thread(target=produce, name="mlet-data-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if isinstance(error, StopIteration):
+                return
+            if error is not None:
+                raise error
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                slots.get(timeout=0.05)
+
+
 def combine(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
     if len(batches) == 1:
         return batches[0]
@@ -200,15 +237,17 @@ class Conversion:
         self.summary.add(features, start >= self.train_end)
         cut = min(max(self.train_end - start, 0), count)
         if cut:
-            self.pending.write(start, features.keys[:cut])
-            self.pending_missing.write(start, features.missing[:cut])
+            # Stored row-major: [rows, T, H], so that a row range is one positioned write.
+            self.pending.write(start, features.keys[:, :cut].transpose(1, 0, 2))
+            self.pending_missing.write(start, features.missing[:, :cut].transpose(1, 0, 2))
             for t, counter in enumerate(self.counters):
-                counter.add(features.keys[:cut, t][~features.missing[:cut, t]])
+                counter.add(features.keys[t, :cut][~features.missing[t, :cut]])
         if cut == count:
             return
         if start + cut == self.train_end:
             self.build_vocabularies()
-        self.write_ids(start + cut, features.keys[cut:], features.missing[cut:], held_out=True)
+        keys, missing = features.keys[:, cut:], features.missing[:, cut:]
+        self.write_ids(start + cut, keys, missing, held_out=True)
 
     def build_vocabularies(self) -> None:
         for table, counter in zip(self.transform.tables, self.counters, strict=True):
@@ -230,8 +269,9 @@ class Conversion:
             step = self.config.chunk_rows
             for start in range(0, self.train_end, step):
                 count = min(step, self.train_end - start)
-                keys = self.pending.read(start, count)
-                self.write_ids(start, keys, self.pending_missing.read(start, count), False)
+                keys = self.pending.read(start, count).transpose(1, 0, 2)
+                missing = self.pending_missing.read(start, count).transpose(1, 0, 2)
+                self.write_ids(start, keys, missing, held_out=False)
         for f in (self.labels, self.dense, self.sparse, self.pending, self.pending_missing):
             if f is not None:
                 f.close()
@@ -262,7 +302,7 @@ def convert(
         conversion = Conversion(staging, transform, rows, config)
         total_bytes = sum(p.stat().st_size for p in paths)
         with tqdm(total=rows, unit="row", unit_scale=True, disable=not config.progress) as bar:
-            for chunk in chunks(paths, fmt, rows, config.chunk_rows):
+            for chunk in prefetched(chunks(paths, fmt, rows, config.chunk_rows)):
                 conversion.add(chunk)
                 bar.update(chunk.batch.num_rows)
                 bar.set_postfix_str(f"{total_bytes * bar.n / rows / 1e6:,.0f} MB")

@@ -82,7 +82,8 @@ class SourceFormat:
 
     def without_label(self) -> SourceFormat:
         """The same format for files that may lack the label (prediction inputs)."""
-        return replace(self, label=None)
+        columns = tuple(c for c in self.columns if c != self.label)
+        return replace(self, label=None, columns=columns)
 
 
 def criteo_format() -> SourceFormat:
@@ -117,12 +118,19 @@ def file_columns(path: Path, fmt: SourceFormat) -> list[str]:
         return list(pq.ParquetFile(path).schema_arrow.names)
     if not fmt.header:
         return list(fmt.columns)
-    with open_text(path) as f:
-        try:
-            line = f.readline()
-        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-            raise DataFormatError(f"{path}: cannot read the header: {e}") from e
-    return [c.strip().strip('"') for c in line.rstrip("\r\n").split(fmt.delimiter)]
+    try:
+        line = first_line(path)
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}:1: undecodable bytes in the header (not UTF-8)") from e
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataFormatError(f"{path}: cannot read the header: {e}") from e
+    return [c.strip().strip('"') for c in line.split(fmt.delimiter)]
+
+
+def first_line(path: Path) -> str:
+    """The first line, decoded alone (a bad byte further on must not fail it)."""
+    with gzip.open(path, "rb") if is_gzip(path) else open(path, "rb") as f:
+        return f.readline().decode("utf-8").rstrip("\r\n")
 
 
 def check_columns(path: Path, fmt: SourceFormat, available: list[str]) -> None:
@@ -131,10 +139,6 @@ def check_columns(path: Path, fmt: SourceFormat, available: list[str]) -> None:
         raise DataFormatError(
             f"{path}: unknown column {', '.join(map(repr, unknown))}; the file has {available}"
         )
-
-
-def open_text(path: Path):
-    return gzip.open(path, "rt", errors="strict") if is_gzip(path) else open(path)
 
 
 def column_types(fmt: SourceFormat) -> dict[str, pa.DataType]:

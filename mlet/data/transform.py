@@ -38,8 +38,8 @@ class Features:
 
     labels: np.ndarray | None  # uint8 [B]
     dense: np.ndarray  # float32 [B, F], empty values 0
-    keys: np.ndarray  # uint64 [B, T, H]
-    missing: np.ndarray  # bool [B, T, H]
+    keys: np.ndarray  # uint64 [T, B, H], table-major so that each table's keys are contiguous
+    missing: np.ndarray  # bool [T, B, H]
     empty_dense: np.ndarray  # int64 [F] empty values per dense column
 
 
@@ -68,16 +68,16 @@ class Transform:
         empty_dense = np.zeros(len(fmt.dense), np.int64)
         for i, name in enumerate(fmt.dense):
             dense[:, i], empty_dense[i] = with_column(name, read_dense, batch.column(name))
-        keys = np.zeros((rows, len(self.tables), self.hotness), np.uint64)
-        missing = np.ones((rows, len(self.tables), self.hotness), bool)
+        keys = np.zeros((len(self.tables), rows, self.hotness), np.uint64)
+        missing = np.ones((len(self.tables), rows, self.hotness), bool)
         for t, name in enumerate(fmt.categorical):
             column = batch.column(name)
-            keys[:, t], missing[:, t] = with_column(name, self.column_keys, name, column)
+            keys[t], missing[t] = with_column(name, self.column_keys, name, column)
         if fmt.hour:
             hours = batch.column(fmt.hour).to_numpy(zero_copy_only=False)
             t = len(fmt.categorical)
-            (keys[:, t, 0], keys[:, t + 1, 0]) = with_column(fmt.hour, hour_keys, hours)
-            missing[:, t : t + 2, 0] = False
+            (keys[t, :, 0], keys[t + 1, :, 0]) = with_column(fmt.hour, hour_keys, hours)
+            missing[t : t + 2, :, 0] = False
         return Features(labels, dense, keys, missing, empty_dense)
 
     def column_keys(self, name: str, column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -98,11 +98,12 @@ class Transform:
         return keys.reshape(shape), missing.reshape(shape) | ~present
 
     def encode(self, keys: np.ndarray, missing: np.ndarray) -> np.ndarray:
-        """int32 ids [B, T] (hotness 1) or [B, T, H]."""
+        """Keys and missing mask [T, B, H] -> int32 ids [B, T] (hotness 1) or [B, T, H]."""
         ids = np.empty(keys.shape, np.int32)
         for t, table in enumerate(self.tables):
-            ids[:, t] = table.encode(keys[:, t], missing[:, t])
-        return ids[:, :, 0] if self.hotness == 1 else ids
+            ids[t] = table.encode(keys[t], missing[t])
+        ids = ids.transpose(1, 0, 2)
+        return np.ascontiguousarray(ids[:, :, 0] if self.hotness == 1 else ids)
 
     def to_dict(self) -> dict:
         return {
