@@ -113,12 +113,14 @@ def run_data_bench(config: DataBenchConfig, out: Path, work: Path | None = None)
             speed[engine] = measure_in_subprocess(files[config.rows], engine, tmp)
             print(f"{engine}: {line(speed[engine])}", flush=True)
         memory = {}
-        for rows in config.memory_rows:
-            same = rows == config.rows
-            memory[rows] = (
-                speed["vocab"] if same else measure_in_subprocess(files[rows], "vocab", tmp)
-            )
-            print(f"vocab, {rows:,} rows: {line(memory[rows])}", flush=True)
+        for engine in ("hash", "vocab"):
+            for rows in config.memory_rows:
+                if rows == config.rows:
+                    entry = speed[engine]
+                else:
+                    entry = measure_in_subprocess(files[rows], engine, tmp)
+                memory[f"{engine} {rows}"] = entry
+                print(f"{engine}, {rows:,} rows: {line(entry)}", flush=True)
         file_bytes = files[config.rows].stat().st_size
     results = {
         "config": asdict(config),

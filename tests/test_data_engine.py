@@ -212,3 +212,21 @@ def test_max_rows_reads_a_prefix(tmp_path, encoding):
     config = ConvertConfig(encoding=encoding, max_rows=20, chunk_rows=8, **QUIET)
     schema = convert(tmp_path / "day.tsv", criteo_format(), tmp_path / "d", config)
     assert schema.rows == 20 and len(load_dataset(tmp_path / "d")) == 20
+
+
+def test_cli_front_doors_print_the_summary(tmp_path, capsys):
+    from cli import main
+
+    (tmp_path / "train.csv").write_text(AVAZU_HEADER + "".join(avazu_rows(30)))
+    assert main(["data", "avazu", str(tmp_path / "train.csv"), "--out", str(tmp_path / "a"),
+                 "--hash", "50"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "30 rows, click rate 0.2000" in printed and "hour_of_day" in printed
+    assert load_dataset(tmp_path / "a").schema.table_sizes == (51,) * 6
+    pq.write_table(pa.table(GENERIC), tmp_path / "log.parquet")
+    args = ["data", "csv", str(tmp_path / "log.parquet"), "--out", str(tmp_path / "c"),
+            "--label", "liked", "--dense", "age", "--categorical", "user,genres",
+            "--multi-hot", "genres:|", "--hotness", "3", "--min-count", "2"]  # fmt: skip
+    assert main(args) == 0
+    assert load_dataset(tmp_path / "c").sparse.shape == (10, 2, 3)
+    assert main([*args[:-4], "--hotness", "1", "--overwrite"]) == 2  # multi-hot needs H >= 2

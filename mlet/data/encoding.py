@@ -240,14 +240,20 @@ class TableEncoder:
             return np.full(keys.shape, OOV_ID, np.int64)
         # Look up each distinct key once: a batch repeats its frequent values many times.
         encoded = pa.array(keys.ravel()).dictionary_encode()
-        distinct = encoded.dictionary.to_numpy()
+        lookup = self.lookup(encoded.dictionary.to_numpy())
+        return lookup[encoded.indices.to_numpy()].reshape(keys.shape)
+
+    def lookup(self, distinct: np.ndarray) -> np.ndarray:
+        """Vocabulary ids (or the OOV id) of distinct keys."""
+        vocabulary = self.vocabulary
+        if len(vocabulary) == 0:
+            return np.full(len(distinct), OOV_ID, np.int32)
         order = np.argsort(distinct)  # sorted needles walk the vocabulary in order: cache-friendly
         position = np.empty(len(distinct), np.int64)
         position[order] = np.searchsorted(vocabulary, distinct[order])
         position = np.minimum(position, len(vocabulary) - 1)
         found = vocabulary[position] == distinct
-        lookup = np.where(found, position + FIRST_VOCAB_ID, OOV_ID)
-        return lookup[encoded.indices.to_numpy()].reshape(keys.shape)
+        return np.where(found, position + FIRST_VOCAB_ID, OOV_ID).astype(np.int32)
 
 
 def hashed(keys: np.ndarray, size: int) -> np.ndarray:
@@ -279,12 +285,11 @@ class KeyCounter:
         self.size = 0
         self.merge_above = merge_above
 
-    def add(self, keys: np.ndarray) -> None:
-        if len(keys) == 0:
-            return
-        counts = pc.value_counts(pa.array(keys))
-        self.parts.append((counts.field("values").to_numpy(), counts.field("counts").to_numpy()))
-        self.size += len(counts)
+    def add_counts(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Distinct `keys` seen `counts` times (zero counts are dropped)."""
+        seen = counts > 0
+        self.parts.append((keys[seen], counts[seen].astype(np.int64)))
+        self.size += int(seen.sum())
         if self.size > self.merge_above:
             self.parts = [self.merged()]
             self.size = len(self.parts[0][0])

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mlet.data.dataset import DataSchema, split_rows
-from mlet.data.encoding import KeyCounter, TableEncoder
+from mlet.data.encoding import MISSING_ID, KeyCounter, TableEncoder
 from mlet.data.formats import (
     DataFormatError,
     SourceFormat,
@@ -44,7 +44,7 @@ from mlet.data.summary import Summary
 from mlet.data.transform import Transform
 from mlet.files import staged_directory, write_json
 
-PENDING_KEYS, PENDING_MISSING = ".train-keys.tmp", ".train-missing.tmp"
+PENDING_KEYS = ".train-keys.tmp"
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,9 @@ class NpyFile:
         return np.frombuffer(raw, self.dtype).reshape((count, *self.shape[1:]))
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass
@@ -209,7 +211,13 @@ def combine(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
 
 
 class Conversion:
-    """State of one conversion: output files, the transform being learned, the summary."""
+    """State of one conversion: output files, the transform being learned, the summary.
+
+    Training rows are hashed once: each chunk's distinct keys per table are counted and
+    spilled to a temporary file, and the rows' positions among them (local ids) wait in
+    sparse.npy; once the vocabularies are complete, `finish` maps every chunk's distinct
+    keys to ids and rewrites its rows through that small table.
+    """
 
     def __init__(self, folder: Path, transform: Transform, rows: int, config: ConvertConfig):
         fmt = transform.fmt
@@ -221,11 +229,9 @@ class Conversion:
         self.labels = NpyFile(folder / "labels.npy", np.uint8, (rows,))
         self.dense = NpyFile(folder / "dense.npy", np.float32, (rows, len(fmt.dense)))
         self.sparse = NpyFile(folder / "sparse.npy", np.int32, sparse_shape)
-        self.pending = self.pending_missing = None
-        if self.train_end:
-            shape = (self.train_end, tables, hotness)
-            self.pending = NpyFile(folder / PENDING_KEYS, np.uint64, shape)
-            self.pending_missing = NpyFile(folder / PENDING_MISSING, np.bool_, shape)
+        spill = folder / PENDING_KEYS
+        self.spill = open(spill, "w+b") if self.train_end else None  # noqa: SIM115 (close())
+        self.pending: list[tuple[int, int, list[tuple[int, int]]]] = []  # start, rows, spans
         self.counters = [KeyCounter() for _ in transform.tables]
         self.summary = Summary.start(fmt, transform)
 
@@ -237,17 +243,29 @@ class Conversion:
         self.summary.add(features, start >= self.train_end)
         cut = min(max(self.train_end - start, 0), count)
         if cut:
-            # Stored row-major: [rows, T, H], so that a row range is one positioned write.
-            self.pending.write(start, features.keys[:, :cut].transpose(1, 0, 2))
-            self.pending_missing.write(start, features.missing[:, :cut].transpose(1, 0, 2))
-            for t, counter in enumerate(self.counters):
-                counter.add(features.keys[t, :cut][~features.missing[t, :cut]])
+            self.hold_training_rows(start, features.keys[:, :cut], features.missing[:, :cut])
         if cut == count:
             return
         if start + cut == self.train_end:
             self.build_vocabularies()
         keys, missing = features.keys[:, cut:], features.missing[:, cut:]
         self.write_ids(start + cut, keys, missing, held_out=True)
+
+    def hold_training_rows(self, start: int, keys: np.ndarray, missing: np.ndarray) -> None:
+        """Count the distinct keys [T, B, H] per table; park local ids in sparse.npy."""
+        local = np.empty(keys.shape, np.int32)
+        spans = []
+        for t, counter in enumerate(self.counters):
+            encoded = pa.array(keys[t].ravel()).dictionary_encode()
+            distinct = encoded.dictionary.to_numpy()
+            positions = encoded.indices.to_numpy().reshape(keys[t].shape)
+            present = ~missing[t]
+            counter.add_counts(distinct, np.bincount(positions[present], minlength=len(distinct)))
+            local[t] = np.where(present, positions, -1)
+            spans.append((self.spill.tell(), len(distinct)))
+            self.spill.write(distinct.tobytes())
+        self.sparse.write(start, squeeze(local.transpose(1, 0, 2)))
+        self.pending.append((start, keys.shape[1], spans))
 
     def build_vocabularies(self) -> None:
         for table, counter in zip(self.transform.tables, self.counters, strict=True):
@@ -263,18 +281,28 @@ class Conversion:
 
     def finish(self) -> None:
         """Encode the training rows now that the vocabularies are complete."""
-        if self.pending is not None:
-            if self.counters:
-                self.build_vocabularies()
-            step = self.config.chunk_rows
-            for start in range(0, self.train_end, step):
-                count = min(step, self.train_end - start)
-                keys = self.pending.read(start, count).transpose(1, 0, 2)
-                missing = self.pending_missing.read(start, count).transpose(1, 0, 2)
-                self.write_ids(start, keys, missing, held_out=False)
-        for f in (self.labels, self.dense, self.sparse, self.pending, self.pending_missing):
+        if self.counters:
+            self.build_vocabularies()
+        if self.spill is not None:
+            self.spill.flush()
+        for start, count, spans in self.pending:
+            local = self.sparse.read(start, count).reshape(count, len(spans), -1).copy()
+            for t, (offset, length) in enumerate(spans):
+                distinct = np.frombuffer(os.pread(self.spill.fileno(), 8 * length, offset), "<u8")
+                lookup = np.append(self.transform.tables[t].lookup(distinct), MISSING_ID)
+                local[:, t] = lookup[local[:, t]]  # -1 (missing) picks the appended 0
+            self.sparse.write(start, squeeze(local))
+        self.close()
+
+    def close(self) -> None:
+        for f in (self.labels, self.dense, self.sparse, self.spill):
             if f is not None:
                 f.close()
+
+
+def squeeze(ids: np.ndarray) -> np.ndarray:
+    """[B, T, 1] -> [B, T]; multi-hot ids keep their hotness axis."""
+    return ids[:, :, 0] if ids.shape[2] == 1 else ids
 
 
 def convert(
@@ -301,14 +329,17 @@ def convert(
     with staged_directory(out, replace=overwrite) as staging:
         conversion = Conversion(staging, transform, rows, config)
         total_bytes = sum(p.stat().st_size for p in paths)
-        with tqdm(total=rows, unit="row", unit_scale=True, disable=not config.progress) as bar:
+        bar = tqdm(total=rows, unit="row", unit_scale=True, disable=not config.progress)
+        try:
             for chunk in prefetched(chunks(paths, fmt, rows, config.chunk_rows)):
                 conversion.add(chunk)
                 bar.update(chunk.batch.num_rows)
                 bar.set_postfix_str(f"{total_bytes * bar.n / rows / 1e6:,.0f} MB")
-        conversion.finish()
-        for name in (PENDING_KEYS, PENDING_MISSING):
-            (staging / name).unlink(missing_ok=True)
+            conversion.finish()
+        finally:
+            bar.close()
+            conversion.close()
+        (staging / PENDING_KEYS).unlink(missing_ok=True)
         transform.save(staging)
         summary = conversion.summary.to_dict(transform, rows, time.perf_counter() - started)
         schema = DataSchema(
