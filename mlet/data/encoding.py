@@ -239,9 +239,8 @@ class TableEncoder:
         if len(vocabulary) == 0:
             return np.full(keys.shape, OOV_ID, np.int64)
         # Look up each distinct key once: a batch repeats its frequent values many times.
-        encoded = pa.array(keys.ravel()).dictionary_encode()
-        lookup = self.lookup(encoded.dictionary.to_numpy())
-        return lookup[encoded.indices.to_numpy()].reshape(keys.shape)
+        distinct, positions = distinct_keys(keys.ravel())
+        return self.lookup(distinct)[positions].reshape(keys.shape)
 
     def lookup(self, distinct: np.ndarray) -> np.ndarray:
         """Vocabulary ids (or the OOV id) of distinct keys."""
@@ -254,6 +253,15 @@ class TableEncoder:
         position = np.minimum(position, len(vocabulary) - 1)
         found = vocabulary[position] == distinct
         return np.where(found, position + FIRST_VOCAB_ID, OOV_ID).astype(np.int32)
+
+
+def distinct_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys, each key's position among them), by pyarrow's hash table; 32-bit
+    keys (Criteo's) are hashed as such, which is half the memory traffic."""
+    narrow = keys.size and int(keys.max()) < 2**32
+    encoded = pa.array(keys.astype(np.uint32) if narrow else keys).dictionary_encode()
+    distinct = encoded.dictionary.to_numpy().astype(np.uint64)
+    return distinct, encoded.indices.to_numpy()
 
 
 def hashed(keys: np.ndarray, size: int) -> np.ndarray:

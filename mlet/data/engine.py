@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mlet.data.dataset import DataSchema, split_rows
-from mlet.data.encoding import MISSING_ID, KeyCounter, TableEncoder
+from mlet.data.encoding import MISSING_ID, KeyCounter, TableEncoder, distinct_keys
 from mlet.data.formats import (
     DataFormatError,
     SourceFormat,
@@ -256,9 +256,8 @@ class Conversion:
         local = np.empty(keys.shape, np.int32)
         spans = []
         for t, counter in enumerate(self.counters):
-            encoded = pa.array(keys[t].ravel()).dictionary_encode()
-            distinct = encoded.dictionary.to_numpy()
-            positions = encoded.indices.to_numpy().reshape(keys[t].shape)
+            distinct, positions = distinct_keys(keys[t].ravel())
+            positions = positions.reshape(keys[t].shape)
             present = ~missing[t]
             counter.add_counts(distinct, np.bincount(positions[present], minlength=len(distinct)))
             local[t] = np.where(present, positions, -1)

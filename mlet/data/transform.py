@@ -93,7 +93,10 @@ class Transform:
             wide_keys[:, 0], wide_missing[:, 0] = keys, missing
             return wide_keys, wide_missing
         values, present = split_multi_hot(column, separator, self.hotness)
-        keys, missing = key_of(values)
+        try:
+            keys, missing = key_of(values)
+        except BadValue as e:  # its row counts flattened values: H per row
+            raise BadValue(e.row // self.hotness, str(e)) from e
         shape = present.shape
         return keys.reshape(shape), missing.reshape(shape) | ~present
 
