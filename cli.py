@@ -404,14 +404,11 @@ def model_options(command: argparse.ArgumentParser) -> None:
 
 def cmd_bench_load(args: argparse.Namespace) -> None:
     if args.sweep:
-        from bench.sweep import SweepConfig, run_sweep
-        from mlet.files import write_json
+        from bench.sweep import SweepConfig, run_sweep_command
 
         config = SweepConfig(duration=args.duration, repetitions=args.repetitions,
                              locust_processes=args.locust_processes)  # fmt: skip
-        summaries = run_sweep(args.repo, args.models, config, Path(args.out) / "locust")
-        write_json(Path(args.out) / "sweep.json", summaries)
-        print(f"wrote {Path(args.out) / 'sweep.json'}")
+        print(f"wrote {run_sweep_command(args.repo, args.models, config, Path(args.out))}")
         return
     from bench.load import LoadConfig, run_load
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench.load import LoadConfig, load_step, running_server, warm_up
 from bench.stats import median_and_spread
+from mlet.files import write_json
 from mlet.repository import open_model
 
 STEP_FIGURES = (
@@ -102,6 +103,13 @@ def run_sweep(
             runs[model].append(sweep_once(repo, model, config, folder, planned))
             print(f"sweep {model} #{repetition + 1} done", flush=True)
     return [summarise(repo, m, runs[m], config) for m in models]
+
+
+def run_sweep_command(repo: str | Path, models: list[str], config: SweepConfig, out: Path) -> Path:
+    """`mlet bench load --sweep`: Locust's files under out/locust, the summaries in sweep.json."""
+    path = out / "sweep.json"
+    write_json(path, run_sweep(repo, models, config, out / "locust"))
+    return path
 
 
 def stepped_users(run: dict) -> dict[str, list[int]]:

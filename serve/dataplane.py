@@ -27,9 +27,9 @@ from serve.batcher import (
     QueueFullError,
     RequestTimeoutError,
 )
-from serve.metrics import ServerMetrics
 from serve.model_config import read_model_config, serving_defaults
 from serve.protocol import InferenceError, decode_request, encode_response
+from serve.server_metrics import ServerMetrics
 from serve.validation import requested_outputs, validate_inputs
 
 log = logging.getLogger("mlet.serve")
