@@ -289,8 +289,8 @@ def add_serve(stages) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from mlet.runtime import SessionOptions
     from serve.app import ServerLimits
-    from serve.backends import SessionOptions
     from serve.dataplane import BatchingOverrides, PlaneConfig
     from serve.server import ServerConfig, run_server
 
