@@ -259,7 +259,12 @@ def add_serve(stages) -> None:
         "--torch-run", type=named_run, action="append", default=[], metavar="NAME=RUN",
         help="also serve a training run with PyTorch (the uncollapsed model), as NAME",
     )  # fmt: skip
-    serve.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
+    http = serve.add_argument_group("connections")
+    http.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
+    http.add_argument("--max-connections", type=int, default=1024, help="503 above this")
+    http.add_argument("--header-timeout", type=float, default=10.0, help="seconds for headers")
+    http.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a body")
+    http.add_argument("--keep-alive", type=float, default=5.0, help="idle seconds kept open")
     batching = serve.add_argument_group("dynamic batching (default: each model's config.pbtxt)")
     batching.add_argument("--batching", choices=["config", "on", "off"], default="config")
     batching.add_argument("--max-queue-delay-us", type=int, help="longest wait for a batch")
@@ -290,8 +295,8 @@ def add_serve(stages) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from mlet.runtime import SessionOptions
-    from serve.app import ServerLimits
     from serve.dataplane import BatchingOverrides, PlaneConfig
+    from serve.http import HttpLimits
     from serve.server import ServerConfig, run_server
 
     session = SessionOptions(
@@ -319,7 +324,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
             port=args.port,
             models=args.models,
             plane=PlaneConfig(session=session, batching=batching, torch_runs=tuple(args.torch_run)),
-            limits=ServerLimits(max_body_bytes=args.max_body_bytes),
+            limits=HttpLimits(
+                max_body_bytes=args.max_body_bytes,
+                max_connections=args.max_connections,
+                header_timeout_s=args.header_timeout,
+                body_timeout_s=args.body_timeout,
+                keep_alive_s=args.keep_alive,
+            ),
         )
     )
 
