@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 from mlet.data.encoding import OOV_ID
 from mlet.data.formats import check_columns, file_columns, first_line, is_parquet, read_batches
 from mlet.data.transform import TRANSFORM_FILE, Transform, load_transform
-from mlet.files import read_json
+from mlet.repository import OpenedModel, open_model
+from mlet.runtime import SessionOptions, onnxruntime_session
+from mlet.variants import ONNX_PLATFORM
 
-MANIFEST_FILE = "manifest.json"
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -61,25 +62,18 @@ def model_transform(folder: Path) -> Transform:
     return load_transform(folder)
 
 
-def onnx_scorer(folder: Path, manifest: dict, threads: int) -> Scorer:
-    import onnxruntime as ort
-
-    if manifest.get("platform") != "onnxruntime_onnx":
-        raise ValueError(f"{folder} is a {manifest.get('platform')} model: score it with --url")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    model = folder / str(manifest.get("version", 1)) / "model.onnx"
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    return lambda dense, sparse: session.run(None, dict(zip(names, (dense, sparse), strict=True)))[
-        0
-    ]
+def onnx_scorer(model: OpenedModel, threads: int) -> Scorer:
+    if model.manifest.platform != ONNX_PLATFORM:
+        raise ValueError(f"{model.folder} is a {model.manifest.platform} model: use --url")
+    session = onnxruntime_session(model.model_path, SessionOptions(intra_op_threads=threads))
+    names = model.manifest.spec.input_names
+    return lambda dense, sparse: session.run(None, {names[0]: dense, names[1]: sparse})[0]
 
 
-def http_scorer(url: str, manifest: dict, timeout_s: float) -> Scorer:
+def http_scorer(url: str, model: OpenedModel, timeout_s: float) -> Scorer:
     """Scores through the Open Inference Protocol's JSON infer call."""
-    endpoint = f"{url.rstrip('/')}/v2/models/{manifest['name']}/infer"
-    names = [t["name"] for t in manifest["spec"]["inputs"]]
+    endpoint = f"{url.rstrip('/')}/v2/models/{model.name}/infer"
+    names = model.manifest.spec.input_names
 
     def score(dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         body = {
@@ -140,7 +134,7 @@ def predict_files(
 ) -> PredictResult:
     """Score every row of `sources` with the model folder `model`; write `out`."""
     folder, out = Path(model), Path(out)
-    manifest = read_json(folder / MANIFEST_FILE)
+    opened = open_model(folder)
     transform = model_transform(folder)
     paths = [Path(p) for p in sources]
     has_label = all_have_label(paths, transform)
@@ -151,9 +145,9 @@ def predict_files(
             raise FileNotFoundError(f"{path} does not exist")
         check_columns(path, transform.fmt, file_columns(path, transform.fmt))
     if config.url:
-        score = http_scorer(config.url, manifest, config.timeout_s)
+        score = http_scorer(config.url, opened, config.timeout_s)
     else:
-        score = onnx_scorer(folder, manifest, config.threads)
+        score = onnx_scorer(opened, config.threads)
     fields = [("row", pa.int64())] + ([("label", pa.uint8())] if has_label else [])
     writer = OutputWriter(out, pa.schema([*fields, ("probability", pa.float32())]))
     started, rows, present, oov = time.perf_counter(), 0, 0, 0

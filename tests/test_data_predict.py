@@ -11,13 +11,14 @@ import pytest
 from bench.data_bench import generate_criteo
 from bench.load import running_server
 from cli import main
-from export.exporter import ExportConfig, export_run
+from export.exporter import ExportConfig
 from mlet.data.dataset import load_dataset
 from mlet.data.encoding import OOV_ID
 from mlet.data.engine import ConvertConfig, convert
 from mlet.data.formats import criteo_format
 from predict.predict import PredictConfig, predict_files
 from tests.conftest import tiny_train_config
+from tests.helpers import export_run
 from train.trainer import train_run
 
 ROWS = 1500
