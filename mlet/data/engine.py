@@ -6,9 +6,9 @@ writes, never a growing in-memory array or a mapping of the output, so memory is
 by the chunk size whatever the file length) and counts the categorical keys of the
 training rows. Rows are counted first (cheap: newlines, or Parquet metadata), so the split
 is known before reading and the vocabularies see the training rows only: validation and
-test rows (the last rows, as `split_rows` cuts them) never enter a vocabulary. Training
-rows' keys wait in a temporary file until the vocabularies are complete; later rows are
-encoded as they are read.
+test rows (the last rows, as `split_rows` cuts them) never enter a vocabulary. Each
+training chunk's distinct keys wait in a temporary file (its rows' positions among them
+in sparse.npy) until the vocabularies are complete; later rows are encoded as read.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ class Conversion:
         start, count = chunk.start, chunk.batch.num_rows
         self.labels.write(start, features.labels)
         self.dense.write(start, features.dense)
-        self.summary.add(features, start >= self.train_end)
+        self.summary.add(features)
         cut = min(max(self.train_end - start, 0), count)
         if cut:
             self.hold_training_rows(start, features.keys[:, :cut], features.missing[:, :cut])

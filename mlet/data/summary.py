@@ -35,7 +35,8 @@ class Summary:
             held_out_oov=np.zeros(tables, np.int64),
         )
 
-    def add(self, features, _held_out: bool) -> None:
+    def add(self, features) -> None:
+        """Rows, clicks and empty values of one batch (every row, whatever its split)."""
         self.rows += len(features.dense)
         if features.labels is not None:
             self.positives += int(features.labels.sum(dtype=np.int64))
