@@ -34,7 +34,7 @@ GOOD = good_line() * 10  # lines 1..10; the bad line is line 11
     [
         ("1\t2\t3\n", r"day.tsv:11: expected 40 tab-separated fields, got 3"),
         (good_line(label="2"), r"day.tsv:11: column 'label': label must be 0 or 1, got 2"),
-        (good_line(dense="1e39"), r"day.tsv:11: column 'I1': .*does not fit in float32"),
+        (good_line(dense="1e39"), r"day.tsv:11: column 'I1': .*fits in float32"),
         (good_line(dense="x"), r"day.tsv:11: column 'I1': not a number: 'x'"),
         (good_line(value="zz"), r"day.tsv:11: column 'C1': not hexadecimal"),
         (good_line(value="6\xe98fd1e6"), r"day.tsv:11: column 'C1': not hexadecimal"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mlet.data.encoding import (
     BadValue,
@@ -156,14 +157,13 @@ def with_name(error: BadValue, name: str) -> BadValue:
 def read_dense(column: pa.Array) -> tuple[np.ndarray, int]:
     """float32 values (empty: 0) and the number of empty values; refuses what float32
     cannot hold rather than storing inf."""
-    values = column.to_numpy(zero_copy_only=False)
     empty = int(column.null_count)
     if empty:
-        values = np.nan_to_num(values, nan=0.0, posinf=np.inf, neginf=-np.inf)
-    bad = ~(np.abs(values) <= FLOAT32_MAX)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise BadValue(row, f"{values[row]!r} does not fit in float32")
+        column = pc.fill_null(column, 0.0)
+    values = column.to_numpy(zero_copy_only=False)
+    if values.size and not (values.max() <= FLOAT32_MAX and values.min() >= -FLOAT32_MAX):
+        row = int(np.argmax(~(np.abs(values) <= FLOAT32_MAX)))
+        raise BadValue(row, f"{values[row]!r} is not a finite number that fits in float32")
     return values.astype(np.float32), empty
 
 
