@@ -249,7 +249,7 @@ class Conversion:
         if start + cut == self.train_end:
             self.build_vocabularies()
         keys, missing = features.keys[:, cut:], features.missing[:, cut:]
-        self.write_ids(start + cut, keys, missing, held_out=True)
+        self.write_ids(start + cut, keys, missing, held_out=self.train_end > 0)  # OOV: vocab only
 
     def hold_training_rows(self, start: int, keys: np.ndarray, missing: np.ndarray) -> None:
         """Count the distinct keys [T, B, H] per table; park local ids in sparse.npy."""
