@@ -14,9 +14,14 @@ def test_generated_file_is_read_by_the_per_line_reader(tmp_path):
 
 
 def test_bench_reports_every_reader_and_file_length(tmp_path):
-    results = run_data_bench(DataBenchConfig(rows=2000, memory_rows=(2000, 4000)), tmp_path)
+    results = run_data_bench(
+        DataBenchConfig(rows=2000, memory_rows=(2000, 4000), repetitions=2), tmp_path
+    )
     assert set(results["speed"]) == {"old", "vocab", "hash"}
     assert all(entry["rows"] == 2000 for entry in results["speed"].values())
+    assert all(len(runs) == 2 for runs in results["runs"].values())
+    fastest = min(r["seconds"] for r in results["runs"]["old"])
+    assert results["speed"]["old"]["seconds"] == fastest
     assert [e["rows"] for e in results["memory"].values()] == [2000, 4000, 2000, 4000]
     assert all(e["peak_bytes"] > 0 for e in results["memory"].values())
     report = (tmp_path / "data.md").read_text()
