@@ -133,6 +133,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from serve.app import ServerLimits
     from serve.backends import SessionOptions
+    from serve.connections import connection_limits
     from serve.dataplane import BatchingOverrides, PlaneConfig
     from serve.server import ServerConfig, run_server
 
@@ -160,8 +161,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
             host=args.host,
             port=args.port,
             models=args.models,
-            plane=PlaneConfig(session=session, batching=batching, torch_runs=tuple(args.torch_run)),
+            plane=PlaneConfig(
+                session=session,
+                batching=batching,
+                torch_runs=tuple(args.torch_run),
+                model_control=args.model_control_mode,
+            ),
             limits=ServerLimits(max_body_bytes=args.max_body_bytes),
+            connections=connection_limits(args),
         )
     )
 
@@ -307,6 +314,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def add_serve_limit_arguments(serve: argparse.ArgumentParser) -> None:
+    from serve.connections import add_limit_arguments
+
+    add_limit_arguments(serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlet", description=__doc__.splitlines()[0])
     stages = parser.add_subparsers(dest="command", required=True)
@@ -435,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers", type=name_list, default=["CPUExecutionProvider"],
         help="execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider",
     )  # fmt: skip
+    add_serve_limit_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
     bench = stages.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)

@@ -15,7 +15,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -39,16 +39,22 @@ def json_response(data, status: int = 200, headers: dict | None = None) -> Respo
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, what: str = "the limit") -> bytes:
+    """The body, refused (413) as soon as its declared or received size passes `limit`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InferenceError(f"request body of {declared} bytes exceeds the limit of {limit}", 413)
+        raise InferenceError(f"request body of {declared} bytes exceeds {what} of {limit}", 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InferenceError(f"request body exceeds the limit of {limit} bytes", 413)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InferenceError(f"request body exceeds {what} of {limit} bytes", 413)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went away mid-upload (or stalled past the body timeout): nobody is
+        # left to answer, and it is no server fault worth a traceback.
+        raise InferenceError("client disconnected before sending the whole body", 499) from None
     return b"".join(chunks)
 
 
@@ -108,7 +114,10 @@ def create_app(plane: DataPlane, limits: ServerLimits | None = None) -> Starlett
         return json_response({"name": model.name, "ready": True})
 
     async def infer(request: Request) -> Response:
-        body = await read_body(request, limits.max_body_bytes)
+        # Refuse what the model could never take before reading it: the bound follows
+        # from its max batch and input shapes.
+        limit, what = plane.body_limit(request.path_params["model"], limits.max_body_bytes)
+        body = await read_body(request, limit, what)
         content, headers = await plane.infer(
             request.path_params["model"],
             request.path_params.get("version"),

@@ -11,6 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from serve.app import ServerLimits, create_app
+from serve.connections import ConnectionLimits, guarded_protocol
 from serve.dataplane import DataPlane, PlaneConfig
 
 log = logging.getLogger("mlet.serve")
@@ -24,6 +25,7 @@ class ServerConfig:
     models: list[str] | None = None  # None: every model of the repository
     plane: PlaneConfig = field(default_factory=PlaneConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     shutdown_grace_s: float = 30.0
     log_level: str = "warning"
 
@@ -50,7 +52,8 @@ def run_server(config: ServerConfig) -> None:
         port=config.port,
         log_level=config.log_level,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(config.connections),  # httptools with header/body timeouts
+        timeout_keep_alive=config.connections.keep_alive_s,
         access_log=False,
         proxy_headers=False,  # loopback by default; no proxy's forwarded headers to trust
         timeout_graceful_shutdown=config.shutdown_grace_s,
