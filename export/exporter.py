@@ -43,7 +43,15 @@ from export.tensorrt_checks import check_tensorrt_file
 from export.triton_config import render_config
 from mlet.data.dataset import load_dataset, split_rows
 from mlet.dlrm import DLRM
-from mlet.files import install_directory, new_staging_directory, read_json, sha256_file, write_json
+from mlet.files import (
+    install_directory,
+    names_path_on_error,
+    new_staging_directory,
+    read_json,
+    sha256_file,
+    write_json,
+)
+from mlet.integrity import verify_run
 from mlet.metrics import roc_auc
 from mlet.run import Run, load_run, software_versions
 from mlet.spec import ExportSpec, spec_for
@@ -135,7 +143,9 @@ def torch_probabilities(model: DLRM, inputs: dict[str, np.ndarray]) -> np.ndarra
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+    """Largest difference; infinity when either holds NaN, so that no tolerance passes it."""
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float(np.max(diff)) if np.isfinite(diff).all() else float("inf")
 
 
 @torch.no_grad()
@@ -248,6 +258,7 @@ def export_run(run_path: str | Path, repo: str | Path, config: ExportConfig) -> 
     return export_variants(run_path, repo, config).results[0]
 
 
+@names_path_on_error("repo")  # a full disk says which repository filled it
 def export_variants(
     run_path: str | Path,
     repo: str | Path,
@@ -260,6 +271,7 @@ def export_variants(
     started = time.perf_counter()
     variants = parse_variants(config.variants)
     run = load_run(run_path)
+    verify_run(run.path, [table.name for table in run.model_config.tables])
     base = config.name or run.path.name
     for variant in variants:
         if not NAME_PATTERN.match(model_name(base, variant)):

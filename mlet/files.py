@@ -6,13 +6,15 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
+import inspect
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,24 @@ def with_path(error: OSError, path: str | Path) -> OSError:
     if error.filename is not None:
         return error
     return type(error)(error.errno, f"{error.strerror or error} while writing {path}", str(path))
+
+
+def names_path_on_error(argument: str) -> Callable:
+    """Decorator: an OSError without a file name (a full disk) raised by the function is
+    re-raised naming the path passed as `argument`."""
+
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            path = signature.bind(*args, **kwargs).arguments.get(argument)
+            with naming_path(path if path is not None else "?"):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 @contextlib.contextmanager

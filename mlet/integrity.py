@@ -34,7 +34,7 @@ def file_checksums(folder: Path, names: list[str]) -> dict[str, dict]:
     }
 
 
-def mismatch(folder: Path, name: str, expected: dict) -> str | None:
+def mismatch(folder: Path, name: str, expected: dict, record: str = "the manifest") -> str | None:
     """Why file `name` of `folder` differs from its recorded size and sha256; None if it does
     not."""
     path = folder / name
@@ -42,12 +42,12 @@ def mismatch(folder: Path, name: str, expected: dict) -> str | None:
         return f"{path} is missing"
     size = path.stat().st_size
     if "bytes" in expected and size != expected["bytes"]:
-        return f"{path} holds {size} bytes, the manifest says {expected['bytes']}"
+        return f"{path} holds {size} bytes, {record} says {expected['bytes']}"
     digest = sha256_file(path)
     if digest != expected.get("sha256"):
         return (
-            f"{path} has sha256 {digest[:16]}..., the manifest says "
-            f"{str(expected.get('sha256'))[:16]}... (the file changed after export)"
+            f"{path} has sha256 {digest[:16]}..., {record} says "
+            f"{str(expected.get('sha256'))[:16]}... (the file changed since)"
         )
     return None
 
@@ -87,9 +87,18 @@ def verify_run_checksums(run_folder: str | Path) -> None:
     if not isinstance(recorded, dict):
         raise ValueError(f"{folder / CHECKSUMS_FILE} must hold an object")
     for name, expected in sorted(recorded.items()):
-        reason = mismatch(folder, name, expected if isinstance(expected, dict) else {})
+        entry = expected if isinstance(expected, dict) else {}
+        reason = mismatch(folder, name, entry, CHECKSUMS_FILE)
         if reason is not None:
-            raise ValueError(f"run {folder} is damaged: {reason.replace('manifest', name)}")
+            raise ValueError(f"run {folder} is damaged: {reason}")
+
+
+def verify_run(run_folder: str | Path, table_names: list[str]) -> None:
+    """What export checks before reading a run: its checksums and finite weights."""
+    from mlet.run import WEIGHTS_FILE  # mlet.run imports torch; only export needs this
+
+    verify_run_checksums(run_folder)
+    check_finite_weights(Path(run_folder) / WEIGHTS_FILE, table_names)
 
 
 def describe_tensor(name: str, table_names: list[str] | None) -> str:

@@ -74,7 +74,7 @@ def test_a_bit_flipped_model_is_unavailable_with_the_reason(tiny_repo, tmp_path)
     assert list(plane.models) == ["full"]
     entry = next(e for e in plane.index() if e["name"] == "mlet")
     assert entry["state"] == "UNAVAILABLE"
-    assert "model.onnx has sha256" in entry["reason"] and "changed after export" in entry["reason"]
+    assert "model.onnx has sha256" in entry["reason"] and "the manifest says" in entry["reason"]
     asyncio.run(plane.close())
 
 
