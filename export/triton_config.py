@@ -7,6 +7,7 @@ machine point Triton at the same repository unchanged.
 from __future__ import annotations
 
 from mlet.spec import ExportSpec, TensorSpec
+from mlet.variants import ONNX_PLATFORM, TENSORRT_PLATFORM
 
 TRITON_TYPES = {
     "FP32": "TYPE_FP32",
@@ -25,13 +26,13 @@ def _tensor(spec: TensorSpec) -> str:
     )
 
 
-PLATFORMS = {"onnxruntime_onnx": "KIND_CPU", "tensorrt_plan": "KIND_GPU"}
+PLATFORMS = {ONNX_PLATFORM: "KIND_CPU", TENSORRT_PLATFORM: "KIND_GPU"}
 
 
 def render_config(
     name: str,
     spec: ExportSpec,
-    platform: str = "onnxruntime_onnx",
+    platform: str = ONNX_PLATFORM,
     instances: int = 1,
     kind: str | None = None,
 ) -> str:

@@ -52,10 +52,10 @@ def mismatch(folder: Path, name: str, expected: dict, record: str = "the manifes
     return None
 
 
-def verify_model_files(model_folder: str | Path, manifest: dict) -> str | None:
-    """Why the model files of `model_folder` do not match `manifest`; None when they do."""
+def verify_model_files(model_folder: str | Path, files: dict) -> str | None:
+    """Why the model files of `model_folder` do not match the manifest's `files` (path ->
+    bytes, sha256); None when they do."""
     folder = Path(model_folder)
-    files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return f"{folder}: the manifest lists no files with their sha256"
     for name, expected in sorted(files.items()):

@@ -19,16 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mlet.files import clean_leftovers, read_json
-from mlet.integrity import verify_model_files
+from mlet.files import clean_leftovers
+from mlet.repository import CONFIG_FILE, model_folders, open_model
+from mlet.runtime import SessionOptions
 from mlet.spec import ExportSpec
-from serve.backends import (
-    Backend,
-    OnnxRuntimeBackend,
-    SessionOptions,
-    TensorRTBackend,
-    TorchBackend,
-)
+from mlet.variants import ONNX_PLATFORM, TENSORRT_PLATFORM
+from serve.backends import Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from serve.batcher import (
     BatcherClosedError,
     BatchingConfig,
@@ -37,14 +33,12 @@ from serve.batcher import (
     RequestTimeoutError,
 )
 from serve.connections import MODEL_CONTROL_MODES
-from serve.metrics import ServerMetrics
-from serve.model_config import CONFIG_FILE, ServingDefaults, read_model_config, serving_defaults
+from serve.model_config import ServingDefaults, read_model_config, serving_defaults
 from serve.protocol import InferenceError, decode_request, encode_response
+from serve.server_metrics import ServerMetrics
 from serve.validation import requested_outputs, validate_inputs
 
 log = logging.getLogger("mlet.serve")
-MANIFEST_FILE = "manifest.json"
-MODEL_FILES = ("model.onnx", "model.plan")
 RETRY_AFTER = {"Retry-After": "1"}
 # A JSON request spends at most this many bytes per value it carries (a float64's longest
 # text, a separator and indentation): a body longer than the model's largest batch needs
@@ -109,27 +103,6 @@ class ModelHandle:
         self.executor.shutdown(wait=False)
 
 
-def model_versions(folder: Path) -> list[str]:
-    """Numeric version folders that hold a model file, oldest first."""
-    versions = [
-        p.name
-        for p in folder.iterdir()
-        if p.is_dir() and p.name.isdigit() and any((p / f).is_file() for f in MODEL_FILES)
-    ]
-    return sorted(versions, key=int)
-
-
-def model_folders(repo: Path) -> dict[str, Path]:
-    """Every model folder of a repository; hidden folders are exports in progress."""
-    if not repo.is_dir():
-        raise FileNotFoundError(f"model repository {repo} does not exist")
-    return {
-        p.name: p
-        for p in sorted(repo.iterdir())
-        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()
-    }
-
-
 def config_defaults(folder: Path) -> ServingDefaults | None:
     """What the model's config.pbtxt says about serving it; None without a config.pbtxt."""
     if not (folder / CONFIG_FILE).is_file():
@@ -142,7 +115,7 @@ def served_spec(spec: ExportSpec, defaults: ServingDefaults | None, platform: st
     export's; a TensorRT engine cannot take batches beyond the profile it was built for."""
     if defaults is None or defaults.max_batch_size == spec.max_batch_size:
         return spec
-    if platform == "tensorrt_plan" and defaults.max_batch_size > spec.max_batch_size:
+    if platform == TENSORRT_PLATFORM and defaults.max_batch_size > spec.max_batch_size:
         raise ValueError(
             f"{CONFIG_FILE}: max_batch_size {defaults.max_batch_size} exceeds the "
             f"{spec.max_batch_size} rows the engine's profile was built for"
@@ -206,37 +179,24 @@ class DataPlane:
         folder = self.known_models().get(name)
         if folder is None:
             raise FileNotFoundError(f"no model '{name}' in repository {self.repo}")
-        versions = model_versions(folder)
-        if not versions:
-            raise FileNotFoundError(f"{folder} holds no version folder with a model file")
-        version = versions[-1]  # Triton's default policy: the latest version
-        manifest_path = folder / version / MANIFEST_FILE
-        manifest = read_json(manifest_path if manifest_path.is_file() else folder / MANIFEST_FILE)
-        platform = manifest.get("platform", "onnxruntime_onnx")
-        model_file = folder / version / Path(manifest["model_file"]).name
-        if not model_file.is_file():
-            raise FileNotFoundError(f"{model_file} named by the manifest is missing")
-        damaged = verify_model_files(folder, manifest)
-        if damaged is not None:
-            raise ValueError(f"refused: {damaged}")
+        opened = open_model(folder, verify=True)  # refuses files that differ from the manifest
+        platform = opened.manifest.platform
         defaults = config_defaults(folder)
-        spec = served_spec(ExportSpec.from_dict(manifest["spec"]), defaults, platform)
+        spec = served_spec(opened.manifest.spec, defaults, platform)
         batching = batching_config(spec, defaults, self.config.batching)
-        if platform == "onnxruntime_onnx":
-            backend = OnnxRuntimeBackend(model_file, self.config.session, batching.instances)
-        elif platform == "tensorrt_plan":
-            backend = TensorRTBackend(model_file)
+        if platform == ONNX_PLATFORM:
+            backend = OnnxRuntimeBackend(opened.model_path, self.config.session, batching.instances)
+        elif platform == TENSORRT_PLATFORM:
+            backend = TensorRTBackend(opened.model_path)
         else:
             raise ValueError(f"model '{name}': platform {platform!r} is not served here")
+        version, model_file = opened.version, opened.model_path
         return self._handle(name, version, platform, spec, backend, batching, model_file)
 
     def _torch_handle(self, name: str, run: Path) -> ModelHandle:
-        from mlet.run import load_run
-        from mlet.spec import spec_for
-
-        spec = spec_for(load_run(run).model_config)
-        batching = batching_config(spec, None, self.config.batching)  # no config.pbtxt
         backend = TorchBackend(run, self.config.session.intra_op_threads)
+        spec = backend.spec
+        batching = batching_config(spec, None, self.config.batching)  # no config.pbtxt
         return self._handle(name, "1", "pytorch", spec, backend, batching, run)
 
     def _handle(self, name, version, platform, spec, backend, batching, source) -> ModelHandle:

@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import export.exporter as exporter
+import export.references as references
 from export.exporter import ExportConfig, export_variants
 from mlet.integrity import check_finite_weights, record_run_checksums
 from mlet.run import WEIGHTS_FILE
@@ -71,7 +72,7 @@ def test_check_finite_weights_reads_large_tensors_in_blocks(tmp_path, monkeypatc
 
 
 def test_max_abs_diff_is_infinite_when_either_side_is_nan():
-    assert exporter.max_abs_diff(np.array([np.nan]), np.array([0.0])) == float("inf")
+    assert references.max_abs_diff(np.array([np.nan]), np.array([0.0])) == float("inf")
 
 
 def test_a_full_disk_during_export_names_the_repository(tiny_runs, tmp_path, monkeypatch):
