@@ -1,14 +1,17 @@
-"""Faults and hostile input against the server: the data plane driven by plain calls, and a
-real server process spoken to over raw sockets."""
+"""Faults and hostile input against the server's data plane, driven by plain calls."""
 
 import asyncio
 import json
 import shutil
+import threading
 
 import numpy as np
 import onnx
 import pytest
+from starlette.requests import Request
 
+import serve.dataplane as dataplane
+from serve.app import read_body
 from serve.dataplane import DataPlane, PlaneConfig
 from serve.protocol import InferenceError
 
@@ -193,3 +196,70 @@ def test_a_model_answering_nan_is_a_server_error_not_null(tiny_repo, tmp_path):
         return error.value.status
 
     assert asyncio.run(scenario()) == 500
+
+
+# -- large JSON bodies: bounded per model and parsed off the event loop ---------------
+
+
+def json_body(spec, rows: int, seed: int = 0) -> bytes:
+    inputs = spec.random_inputs(rows, np.random.default_rng(seed))
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": n, "datatype": t.datatype, "shape": list(v.shape), "data": v.tolist()}
+                for (n, v), t in zip(inputs.items(), spec.inputs, strict=True)
+            ]
+        }
+    ).encode()
+
+
+def test_large_bodies_are_decoded_on_a_decode_thread(tiny_repo, tmp_path, monkeypatch):
+    plane = DataPlane(copy_model(tiny_repo, tmp_path))
+    plane.load_all()
+    spec = plane.models["full"].spec
+    threads = []
+    real = dataplane.decode_and_validate
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(dataplane, "decode_and_validate", recording)
+    monkeypatch.setattr(dataplane, "DECODE_INLINE_BYTES", 4096)  # the tiny model's bodies
+    small, large = json_body(spec, 1), json_body(spec, 256)
+    assert len(small) <= dataplane.DECODE_INLINE_BYTES < len(large)
+
+    async def scenario():
+        for body in (small, large):
+            await plane.infer("full", None, body, None)
+        await plane.close()
+
+    asyncio.run(scenario())
+    assert threads[0] == "MainThread" and threads[1].startswith("decode")
+
+
+def test_the_body_bound_follows_the_models_max_batch(tiny_repo, tmp_path):
+    plane = DataPlane(copy_model(tiny_repo, tmp_path))
+    plane.load_all()
+    spec = plane.models["full"].spec
+    limit, what = plane.body_limit("full", 64 << 20)
+    assert "max batch 512" in what
+    assert len(json_body(spec, spec.max_batch_size)) < limit < 64 << 20
+    assert plane.body_limit("nope", 1000) == (1000, "the limit")
+    asyncio.run(plane.close())
+
+
+def test_a_client_leaving_mid_upload_is_no_server_error():
+    """A disconnect mid-body raised ClientDisconnect into the 500 handler (two tracebacks)."""
+    messages = [
+        {"type": "http.request", "body": b'{"inputs": [', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive():
+        return messages.pop(0)
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(InferenceError) as error:
+        asyncio.run(read_body(request, 1 << 20))
+    assert error.value.status == 499 and "disconnected" in error.value.message

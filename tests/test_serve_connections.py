@@ -1,0 +1,100 @@
+"""Slow and stalled clients against a real server process, over raw sockets.
+
+The server runs with short timeouts; each check waits on a socket with a generous guard
+and asserts what happened (closed, 408, 503), never how long it took.
+"""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+from bench.load import running_server
+from bench.request_bodies import encode_inputs
+from mlet.repository import open_model
+
+GUARD_S = 20.0  # far above the timeouts below: only a server that never closes reaches it
+LIMITS = ("--header-timeout", "0.5", "--body-timeout", "0.5", "--keep-alive-timeout", "0.5")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_repo):
+    with running_server(tiny_repo, ["full"], *LIMITS, "--max-connections", "6") as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        yield host, int(port)
+
+
+def connect(address) -> socket.socket:
+    return socket.create_connection(address, timeout=GUARD_S)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def infer_request(tiny_repo, body_bytes: bytes | None = None) -> bytes:
+    spec = open_model(tiny_repo / "full").manifest.spec
+    payload, _ = encode_inputs(spec, spec.random_inputs(2, np.random.default_rng(0)), False)
+    body = payload if body_bytes is None else body_bytes
+    return (
+        b"POST /v2/models/full/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
+def test_a_silent_connection_is_closed(server):
+    with connect(server) as sock:
+        assert read_until_closed(sock) == b""
+
+
+def test_half_sent_headers_get_408_and_close(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST /v2/models/full/infer HTTP/1.1\r\nhost: x\r\n")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 408")
+
+
+def test_a_stalled_body_is_closed(server, tiny_repo):
+    with connect(server) as sock:
+        request = infer_request(tiny_repo)
+        sock.sendall(request[:-10])  # all but the last bytes of the body
+        answer = read_until_closed(sock)
+        assert b" 200 " not in answer.split(b"\r\n", 1)[0]
+
+
+def test_an_idle_kept_alive_connection_is_closed(server, tiny_repo):
+    with connect(server) as sock:
+        sock.sendall(infer_request(tiny_repo))
+        answer = read_until_closed(sock)  # the answer, then the close after keep-alive
+        assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_connections_above_the_cap_are_refused_and_service_recovers(server, tiny_repo):
+    idle = [connect(server) for _ in range(6)]  # every slot held by a silent client
+    try:
+        with connect(server) as extra:
+            assert read_until_closed(extra).startswith(b"HTTP/1.1 503")
+    finally:
+        for sock in idle:
+            assert read_until_closed(sock) == b""  # the header timeout frees each slot
+            sock.close()
+    with connect(server) as sock:
+        sock.sendall(infer_request(tiny_repo))
+        status_line = sock.recv(65536).split(b"\r\n", 1)[0]
+        assert status_line == b"HTTP/1.1 200 OK"
+
+
+def test_a_body_larger_than_the_model_can_need_is_refused_before_it_is_sent(server):
+    """Only the headers go out: the 413 comes back without the 50 MiB body ever being read."""
+    with connect(server) as sock:
+        sock.sendall(
+            b"POST /v2/models/full/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 52428800\r\n\r\n"
+        )
+        answer = read_until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert "the bound for model 'full' (max batch 512)" in json.loads(body)["error"]
