@@ -295,6 +295,31 @@ def add_serve_limit_arguments(serve: argparse.ArgumentParser) -> None:
     add_limit_arguments(serve)
 
 
+def add_bench_fuzz(bench) -> None:
+    fuzz = bench.add_parser("fuzz", help="property-based fuzzing of the infer endpoint")
+    fuzz.add_argument("--repo", required=True)
+    fuzz.add_argument("--model", required=True)
+    fuzz.add_argument("--cases", type=int, default=6000)
+    fuzz.add_argument("--seed", type=int, default=0)
+    fuzz.add_argument("--hang-seconds", type=float, default=10.0, help="longer counts as a hang")
+    fuzz.add_argument("--out", help="write the figures to this JSON file")
+    fuzz.set_defaults(handler=cmd_bench_fuzz)
+
+
+def cmd_bench_fuzz(args: argparse.Namespace) -> None:
+    from bench.fuzz import report_lines, run_fuzz
+    from mlet.files import write_json
+
+    report, seconds = run_fuzz(
+        Path(args.repo), args.model, args.cases, args.hang_seconds, args.seed
+    )
+    print("\n".join(report_lines(report, seconds)))
+    if args.out:
+        write_json(args.out, report.to_dict() | {"seconds": seconds})
+    if report.failures():
+        raise SystemExit("fuzzing found faults:\n- " + "\n- ".join(report.failures()))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from serve.app import ServerLimits
     from serve.backends import SessionOptions
@@ -343,6 +368,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def add_bench(stages) -> None:
     bench = stages.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)
+    add_bench_fuzz(bench)
     load = bench.add_parser("load", help="Locust load test of served models")
     load.add_argument("--repo", required=True)
     load.add_argument("--models", type=name_list, required=True, help="comma-separated names")
