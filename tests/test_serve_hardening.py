@@ -16,6 +16,18 @@ from serve.dataplane import DataPlane, PlaneConfig
 from serve.protocol import InferenceError
 
 
+def json_body(spec, rows: int, seed: int = 0) -> bytes:
+    inputs = spec.random_inputs(rows, np.random.default_rng(seed))
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": n, "datatype": t.datatype, "shape": list(v.shape), "data": v.tolist()}
+                for (n, v), t in zip(inputs.items(), spec.inputs, strict=True)
+            ]
+        }
+    ).encode()
+
+
 def copy_model(tiny_repo, tmp_path, name="full"):
     repo = tmp_path / "models"
     shutil.copytree(tiny_repo / name, repo / name)
@@ -108,16 +120,7 @@ def test_config_max_batch_size_applies(tiny_repo, tmp_path):
     plane.load_all()
     handle = plane.models["full"]
     assert handle.spec.max_batch_size == 16 and handle.batcher.config.max_batch_rows == 16
-    spec = handle.spec
-    inputs = spec.random_inputs(17, np.random.default_rng(0))
-    body = json.dumps(
-        {
-            "inputs": [
-                {"name": n, "datatype": t.datatype, "shape": list(v.shape), "data": v.tolist()}
-                for (n, v), t in zip(inputs.items(), spec.inputs, strict=True)
-            ]
-        }
-    ).encode()
+    body = json_body(handle.spec, 17)
 
     async def scenario():
         with pytest.raises(InferenceError, match="above the model's maximum of 16"):
@@ -178,16 +181,7 @@ def test_a_model_answering_nan_is_a_server_error_not_null(tiny_repo, tmp_path):
     handle.batcher.run_batch = lambda inputs: {
         "probability": np.full((len(inputs["dense"]), 1), np.nan, np.float32)
     }
-    spec = handle.spec
-    inputs = spec.random_inputs(2, np.random.default_rng(0))
-    body = json.dumps(
-        {
-            "inputs": [
-                {"name": n, "datatype": t.datatype, "shape": list(v.shape), "data": v.tolist()}
-                for (n, v), t in zip(inputs.items(), spec.inputs, strict=True)
-            ]
-        }
-    ).encode()
+    body = json_body(handle.spec, 2)
 
     async def scenario():
         with pytest.raises(InferenceError, match="not finite") as error:
@@ -199,18 +193,6 @@ def test_a_model_answering_nan_is_a_server_error_not_null(tiny_repo, tmp_path):
 
 
 # -- large JSON bodies: bounded per model and parsed off the event loop ---------------
-
-
-def json_body(spec, rows: int, seed: int = 0) -> bytes:
-    inputs = spec.random_inputs(rows, np.random.default_rng(seed))
-    return json.dumps(
-        {
-            "inputs": [
-                {"name": n, "datatype": t.datatype, "shape": list(v.shape), "data": v.tolist()}
-                for (n, v), t in zip(inputs.items(), spec.inputs, strict=True)
-            ]
-        }
-    ).encode()
 
 
 def test_large_bodies_are_decoded_on_a_decode_thread(tiny_repo, tmp_path, monkeypatch):
