@@ -259,7 +259,12 @@ def add_serve(stages) -> None:
         "--torch-run", type=named_run, action="append", default=[], metavar="NAME=RUN",
         help="also serve a training run with PyTorch (the uncollapsed model), as NAME",
     )  # fmt: skip
-    serve.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
+    http = serve.add_argument_group("connections")
+    http.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
+    http.add_argument("--max-connections", type=int, default=1024, help="503 above this")
+    http.add_argument("--header-timeout", type=float, default=10.0, help="seconds for headers")
+    http.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a body")
+    http.add_argument("--keep-alive", type=float, default=5.0, help="idle seconds kept open")
     batching = serve.add_argument_group("dynamic batching (default: each model's config.pbtxt)")
     batching.add_argument("--batching", choices=["config", "on", "off"], default="config")
     batching.add_argument("--max-queue-delay-us", type=int, help="longest wait for a batch")
@@ -285,14 +290,15 @@ def add_serve(stages) -> None:
         "--providers", type=name_list, default=["CPUExecutionProvider"],
         help="execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider",
     )  # fmt: skip
-    add_serve_limit_arguments(serve)
+    add_model_control_argument(serve)
     serve.set_defaults(handler=cmd_serve)
 
 
-def add_serve_limit_arguments(serve: argparse.ArgumentParser) -> None:
-    from serve.connections import add_limit_arguments
-
-    add_limit_arguments(serve)
+def add_model_control_argument(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--model-control-mode", choices=["none", "explicit"], default="none",
+        help="none: the models loaded at start stay; explicit: clients may load and unload",
+    )  # fmt: skip
 
 
 def add_bench_fuzz(bench) -> None:
@@ -321,10 +327,9 @@ def cmd_bench_fuzz(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from serve.app import ServerLimits
-    from serve.backends import SessionOptions
-    from serve.connections import connection_limits
+    from mlet.runtime import SessionOptions
     from serve.dataplane import BatchingOverrides, PlaneConfig
+    from serve.http import HttpLimits
     from serve.server import ServerConfig, run_server
 
     session = SessionOptions(
@@ -357,8 +362,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 torch_runs=tuple(args.torch_run),
                 model_control=args.model_control_mode,
             ),
-            limits=ServerLimits(max_body_bytes=args.max_body_bytes),
-            connections=connection_limits(args),
+            limits=HttpLimits(
+                max_body_bytes=args.max_body_bytes,
+                max_connections=args.max_connections,
+                header_timeout_s=args.header_timeout,
+                body_timeout_s=args.body_timeout,
+                keep_alive_s=args.keep_alive,
+            ),
         )
     )
 

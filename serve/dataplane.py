@@ -32,7 +32,6 @@ from serve.batcher import (
     QueueFullError,
     RequestTimeoutError,
 )
-from serve.connections import MODEL_CONTROL_MODES
 from serve.model_config import ServingDefaults, read_model_config, serving_defaults
 from serve.protocol import InferenceError, decode_request, encode_response
 from serve.server_metrics import ServerMetrics
@@ -40,6 +39,7 @@ from serve.validation import requested_outputs, validate_inputs
 
 log = logging.getLogger("mlet.serve")
 RETRY_AFTER = {"Retry-After": "1"}
+MODEL_CONTROL_MODES = ("none", "explicit")  # as Triton's --model-control-mode
 # A JSON request spends at most this many bytes per value it carries (a float64's longest
 # text, a separator and indentation): a body longer than the model's largest batch needs
 # is refused before it is read.

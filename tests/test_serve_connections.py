@@ -15,7 +15,7 @@ from bench.request_bodies import encode_inputs
 from mlet.repository import open_model
 
 GUARD_S = 20.0  # far above the timeouts below: only a server that never closes reaches it
-LIMITS = ("--header-timeout", "0.5", "--body-timeout", "0.5", "--keep-alive-timeout", "0.5")
+LIMITS = ("--header-timeout", "0.5", "--body-timeout", "0.5", "--keep-alive", "0.5")
 
 
 @pytest.fixture(scope="module")
