@@ -4,7 +4,9 @@ The server runs with short timeouts; each check waits on a socket with a generou
 and asserts what happened (closed, 408, 503), never how long it took.
 """
 
+import asyncio
 import json
+import logging
 import socket
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 from bench.load import running_server
 from bench.request_bodies import encode_inputs
 from mlet.repository import open_model
+from serve.http import HttpLimits, HttpServer, Response
 
 GUARD_S = 20.0  # far above the timeouts below: only a server that never closes reaches it
 LIMITS = ("--header-timeout", "0.5", "--body-timeout", "0.5", "--keep-alive", "0.5")
@@ -98,3 +101,53 @@ def test_a_body_larger_than_the_model_can_need_is_refused_before_it_is_sent(serv
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413")
     assert "the bound for model 'full' (max batch 512)" in json.loads(body)["error"]
+
+
+def serve_in_process(scenario, handler, body_limit=None):
+    async def main():
+        server = HttpServer(handler, HttpLimits(), body_limit)
+        await server.listen("127.0.0.1", 0)
+        port = server._server.sockets[0].getsockname()[1]
+        try:
+            return await asyncio.wait_for(scenario(port), GUARD_S)
+        finally:
+            await server.drain(1.0)
+
+    return asyncio.run(main())
+
+
+def test_a_client_leaving_mid_upload_costs_no_handler_call_and_no_traceback(caplog):
+    """Under the ASGI stack this raised ClientDisconnect into the 500 handler: two tracebacks."""
+    calls = []
+
+    async def handler(request):
+        calls.append(request)
+        return Response(200, b"{}")
+
+    async def scenario(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n")
+        writer.write(b'{"inputs": [')
+        await writer.drain()
+        writer.close()
+        await asyncio.sleep(0.2)  # let the server see the disconnect
+
+    serve_in_process(scenario, handler)
+    assert calls == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_the_body_limit_hook_bounds_each_path():
+    async def handler(request):
+        return Response(200, b"{}")
+
+    async def scenario(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /small HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\n")
+        answer = await reader.readuntil(b"}")  # the 413 comes before any body byte is sent
+        writer.close()
+        return answer
+
+    answer = serve_in_process(scenario, handler, lambda path: (10, f"the bound for {path}"))
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b"exceeds the bound for /small of 10 bytes" in answer
