@@ -261,7 +261,10 @@ def add_serve(stages) -> None:
     )  # fmt: skip
     http = serve.add_argument_group("connections")
     http.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
-    http.add_argument("--max-connections", type=int, default=1024, help="503 above this")
+    http.add_argument(
+        "--max-connections", type=int,
+        help="503 above this (default 1024, less where the descriptor limit is lower)",
+    )  # fmt: skip
     http.add_argument("--header-timeout", type=float, default=10.0, help="seconds for headers")
     http.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a body")
     http.add_argument("--keep-alive", type=float, default=5.0, help="idle seconds kept open")
@@ -329,7 +332,7 @@ def cmd_bench_fuzz(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from mlet.runtime import SessionOptions
     from serve.dataplane import BatchingOverrides, PlaneConfig
-    from serve.http import HttpLimits
+    from serve.http import HttpLimits, default_max_connections
     from serve.server import ServerConfig, run_server
 
     session = SessionOptions(
@@ -364,7 +367,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             ),
             limits=HttpLimits(
                 max_body_bytes=args.max_body_bytes,
-                max_connections=args.max_connections,
+                max_connections=args.max_connections or default_max_connections(),
                 header_timeout_s=args.header_timeout,
                 body_timeout_s=args.body_timeout,
                 keep_alive_s=args.keep_alive,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,12 +28,25 @@ import httptools
 log = logging.getLogger("mlet.serve")
 
 
+DESCRIPTORS_KEPT = 64  # for model files, the listening socket, logs and threads
+
+
+def default_max_connections() -> int:
+    """1024, or fewer where the descriptor limit is lower: past the limit accept() fails
+    and the connections already open would hold every descriptor until they time out."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(8, min(1024, soft - DESCRIPTORS_KEPT))
+
+
 @dataclass(frozen=True)
 class HttpLimits:
     """What one client may cost the server; every timeout is in seconds."""
 
     max_body_bytes: int = 64 << 20
-    max_connections: int = 1024  # further connections get a 503 and are closed
+    # further connections get a 503 and are closed
+    max_connections: int = field(default_factory=default_max_connections)
     header_timeout_s: float = 10.0  # from the first byte of a request to its last header
     body_timeout_s: float = 60.0  # from the last header to the last body byte
     keep_alive_s: float = 5.0  # an idle connection between requests is closed after this

@@ -151,3 +151,11 @@ def test_the_body_limit_hook_bounds_each_path():
     answer = serve_in_process(scenario, handler, lambda path: (10, f"the bound for {path}"))
     assert answer.startswith(b"HTTP/1.1 413")
     assert b"exceeds the bound for /small of 10 bytes" in answer
+
+
+def test_the_connection_cap_leaves_descriptors_under_a_low_limit(monkeypatch):
+    """With 256 descriptors, 300 stalled clients blocked all service under a cap of 1024."""
+    monkeypatch.setattr("resource.getrlimit", lambda kind: (256, 4096))
+    assert HttpLimits().max_connections == 256 - 64
+    monkeypatch.setattr("resource.getrlimit", lambda kind: (1 << 20, 1 << 20))
+    assert HttpLimits().max_connections == 1024
