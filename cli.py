@@ -58,15 +58,6 @@ def add_data(stages) -> None:
     synth.add_argument("--overwrite", action="store_true")
     synth.set_defaults(handler=cmd_data_synth)
 
-    criteo = data.add_parser("criteo", help="convert a Criteo TSV file (.gz accepted)")
-    criteo.add_argument("source", help="TSV file: label, I1..I13, C1..C26")
-    criteo.add_argument("--out", required=True, help="dataset folder to create")
-    criteo.add_argument("--table-size", type=int, default=100_000, help="hash range per table")
-    criteo.add_argument("--table-sizes", type=int_list, help="26 comma-separated hash ranges")
-    criteo.add_argument("--max-rows", type=int, help="read at most this many rows")
-    criteo.add_argument("--overwrite", action="store_true")
-    criteo.set_defaults(handler=cmd_data_criteo)
-
     movielens = data.add_parser("movielens", help="MovieLens-100k as click prediction")
     movielens.add_argument(
         "source", help="folder with u.data/u.user/u.item or ml-100k.*, or RecBole's wheel"
@@ -75,6 +66,7 @@ def add_data(stages) -> None:
     movielens.add_argument("--split", choices=["user-recent", "time"], default="user-recent")
     movielens.add_argument("--overwrite", action="store_true")
     movielens.set_defaults(handler=cmd_data_movielens)
+    add_data_formats(data)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -88,15 +80,6 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         f"wrote {schema.rows:,} rows to {args.out} (positive rate "
         f"{schema.source['positive_rate']:.3f}, oracle AUC {schema.source['oracle_auc']:.4f})"
     )
-
-
-def cmd_data_criteo(args: argparse.Namespace) -> None:
-    from mlet.data.criteo import NUM_SPARSE, CriteoConfig, convert
-
-    sizes = args.table_sizes or (args.table_size,) * NUM_SPARSE
-    config = CriteoConfig(table_sizes=sizes, max_rows=args.max_rows)
-    schema = convert(args.source, args.out, config, overwrite=args.overwrite)
-    print(f"wrote {schema.rows:,} rows to {args.out}")
 
 
 def cmd_data_movielens(args: argparse.Namespace) -> None:
@@ -448,6 +431,7 @@ def add_bench(stages) -> None:
     int8_mlp.add_argument("--model", required=True, help="an int8 variant, e.g. NAME-int8")
     int8_mlp.add_argument("--out", required=True, help="results folder")
     int8_mlp.set_defaults(handler=cmd_bench_int8_mlp)
+    add_bench_data(bench)
 
 
 def model_options(command: argparse.ArgumentParser) -> None:
@@ -591,10 +575,156 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+# --- Data in: raw files -> dataset folders, raw rows -> probabilities, the data benchmark ---
+
+
+def convert_config(args: argparse.Namespace, tables: int):
+    from mlet.data.engine import ConvertConfig
+
+    sizes = getattr(args, "table_sizes", None)
+    if getattr(args, "table_size", None) and not sizes:
+        sizes = (args.table_size,) * tables
+    hashed = args.hash is not None or sizes is not None
+    if sizes and len(sizes) != tables:
+        raise ValueError(f"--table-sizes needs {tables} sizes, got {len(sizes)}")
+    return ConvertConfig(
+        encoding="hash" if hashed else "vocab",
+        min_count=args.min_count,
+        hash_size=args.hash or 100_000,
+        hash_sizes=tuple(sizes or ()),
+        hotness=getattr(args, "hotness", 1),
+        max_rows=args.max_rows,
+    )
+
+
+def source_format(args: argparse.Namespace):
+    from mlet.data import formats
+
+    if args.source == "criteo":
+        return formats.criteo_format()
+    if args.source == "avazu":
+        return formats.avazu_format(formats.file_columns(Path(args.files[0]), formats.CSV_HEADER))
+    return formats.csv_format(
+        Path(args.files[0]), label=args.label, dense=args.dense or [],
+        categorical=args.categorical or [], multi_hot=dict(args.multi_hot),
+        columns=args.columns, delimiter=args.delimiter, dense_transform=args.dense_transform,
+    )  # fmt: skip
+
+
+def cmd_data_convert(args: argparse.Namespace) -> None:
+    from mlet.data.engine import convert
+    from mlet.data.summary import format_summary
+
+    fmt = source_format(args)
+    config = convert_config(args, len(fmt.table_names))
+    schema = convert(args.files, fmt, args.out, config, overwrite=args.overwrite)
+    print(format_summary(schema.source["summary"]))
+    print(f"wrote {schema.rows:,} rows to {args.out}")
+
+
+def multi_hot(text: str) -> tuple[str, str]:
+    column, sep, separator = text.partition(":")
+    if not sep or not column or not separator:
+        raise argparse.ArgumentTypeError(f"expected COLUMN:SEPARATOR, got {text!r}")
+    return column, separator
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from predict.predict import PredictConfig, predict_files
+
+    config = PredictConfig(url=args.url, request_rows=args.request_rows, threads=args.threads)
+    result = predict_files(args.model, args.files, args.out, config)
+    print(f"wrote {result.rows:,} probabilities to {args.out} ({result.seconds:.1f} s, "
+          f"{result.oov_share:.1%} of values out of vocabulary)")  # fmt: skip
+
+
+def cmd_bench_data(args: argparse.Namespace) -> None:
+    from bench.data_bench import DataBenchConfig, run_data_bench
+
+    config = DataBenchConfig(
+        rows=args.rows, memory_rows=tuple(args.memory_rows), repetitions=args.repetitions
+    )
+    run_data_bench(config, Path(args.out), Path(args.work) if args.work else None)
+    print((Path(args.out) / "data.md").read_text())
+
+
+def add_bench_data(bench) -> None:
+    """`mlet bench data`."""
+    command = bench.add_parser("data", help="conversion speed and memory: old vs new reader")
+    command.add_argument("--rows", type=int, default=1_000_000, help="rows of the test file")
+    command.add_argument("--memory-rows", type=int_list, default=[1_000_000, 4_000_000],
+                         help="file lengths whose peak memory is measured")  # fmt: skip
+    command.add_argument("--repetitions", type=int, default=2, help="interleaved rounds")
+    command.add_argument("--work", help="where the generated files go (default: a temp dir)")
+    command.add_argument("--out", required=True, help="results folder")
+    command.set_defaults(handler=cmd_bench_data)
+
+
+def add_data_formats(data) -> None:
+    """`mlet data criteo|avazu|csv`: the conversion engine's front doors."""
+    helps = {
+        "criteo": "Criteo TSV files (.gz accepted), e.g. day_0 .. day_23 in order",
+        "avazu": "Avazu CSV files with header (.gz accepted)",
+        "csv": "any CSV, TSV or Parquet file: name the label, dense and categorical columns",
+    }
+    for name, text in helps.items():
+        command = data.add_parser(name, help=text)
+        command.add_argument("files", nargs="+", help="input files, read in order as one")
+        command.add_argument("--out", required=True, help="dataset folder to create")
+        encoding = command.add_mutually_exclusive_group()
+        encoding.add_argument("--vocab", action="store_true",
+                              help="vocabularies of the training rows (the default)")  # fmt: skip
+        encoding.add_argument("--hash", type=int, metavar="SIZE", help="hash into SIZE rows")
+        command.add_argument("--min-count", type=int, default=1,
+                             help="rarer values share the out-of-vocabulary row")  # fmt: skip
+        command.add_argument("--max-rows", type=int, help="read at most this many rows")
+        command.add_argument("--overwrite", action="store_true")
+        command.set_defaults(handler=cmd_data_convert)
+        if name == "criteo":
+            encoding.add_argument("--table-size", type=int, help="hash range per table")
+            encoding.add_argument("--table-sizes", type=int_list, help="26 hash ranges")
+        if name == "csv":
+            command.add_argument("--label", help="the 0/1 label column")
+            command.add_argument("--dense", type=name_list, help="numeric columns")
+            command.add_argument("--categorical", type=name_list, help="one table each")
+            command.add_argument("--multi-hot", type=multi_hot, action="append", default=[],
+                                 metavar="COL:SEP", help="a categorical column of SEP-joined "
+                                 "values (summed); give --hotness")  # fmt: skip
+            command.add_argument("--hotness", type=int, default=1, help="values kept per row")
+            command.add_argument(
+                "--columns", type=name_list, help="names, for files without header"
+            )
+            command.add_argument("--delimiter", help="default: tab for .tsv, else comma")
+            command.add_argument(
+                "--dense-transform", choices=["log1p", "identity"], default="log1p"
+            )
+
+
+def add_predict(stages) -> None:
+    """`mlet predict`: raw rows -> probabilities with an exported model."""
+    predict = stages.add_parser("predict", help="score raw rows with an exported model")
+    predict.add_argument("model", help="model folder, e.g. models/NAME (from `mlet export`)")
+    predict.add_argument("files", nargs="+", help="raw rows in the format the model was trained on")
+    predict.add_argument("--out", required=True, help="output .csv or .parquet")
+    predict.add_argument("--url", help="a KServe v2 server, e.g. http://127.0.0.1:8000")
+    predict.add_argument("--request-rows", type=int, default=1024, help="rows per model call")
+    predict.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all)")
+    predict.set_defaults(handler=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlet", description=__doc__.splitlines()[0])
     stages = parser.add_subparsers(dest="command", required=True)
-    for add_stage in (add_data, add_train, add_study, add_export, add_serve, add_bench, add_demo):
+    for add_stage in (
+        add_data,
+        add_train,
+        add_study,
+        add_export,
+        add_serve,
+        add_bench,
+        add_demo,
+        add_predict,
+    ):
         add_stage(stages)
     return parser
 

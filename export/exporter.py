@@ -42,6 +42,7 @@ from export.install import ExportResult, file_entries, install_all
 from export.references import held_out, max_abs_diff, pytorch_references
 from export.sources import RunWeights
 from export.triton_config import render_config
+from mlet.data.transform import copy_vocabularies
 from mlet.files import names_path_on_error, new_staging_directory
 from mlet.integrity import verify_run
 from mlet.repository import CONFIG_FILE, FIRST_VERSION, Manifest, write_manifest
@@ -245,6 +246,7 @@ def finish_model(stage: StagedVariant, run: Run, seconds: float) -> tuple[Path, 
     (stage.staging / CONFIG_FILE).write_text(
         render_config(stage.name, stage.spec, variant.platform)
     )
+    copy_vocabularies(run.path, stage.staging)  # so that `mlet predict` can read raw rows
     files = file_entries(stage.staging)
     lowered = stage.lowered
     manifest = Manifest(

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mlet.data.dataset import Dataset, load_dataset, split_rows
+from mlet.data.transform import copy_vocabularies
 from mlet.dlrm import DLRM, DLRMConfig, build_config
 from mlet.files import staged_directory
 from mlet.metrics import classification_metrics
@@ -285,4 +286,5 @@ def train_run(
     }
     with staged_directory(out, replace=overwrite) as staging:
         write_run(staging, run_config, result.model.cpu(), result.metrics)
+        copy_vocabularies(data, staging)  # so that export, and then predict, can read raw rows
     return result

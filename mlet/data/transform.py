@@ -1,0 +1,195 @@
+"""The transform from raw rows to model inputs, shared by `mlet data` and `mlet predict`.
+
+A dataset folder stores it as `transform.json` (the source format, each table's encoding)
+beside its vocabularies (`vocab.<table>.npy`); training copies these files into the run
+folder and export into the model folder, so a model carries everything needed to score
+raw rows: the same `Transform.features` and `Transform.encode` run in both places.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mlet.data.encoding import (
+    BadValue,
+    TableEncoder,
+    hex_keys,
+    hour_keys,
+    load_vocabulary,
+    split_multi_hot,
+    string_keys,
+    vocabulary_file,
+)
+from mlet.data.formats import DataFormatError, SourceFormat
+from mlet.files import read_json, write_json
+
+TRANSFORM_FILE = "transform.json"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class Features:
+    """One batch of raw rows, checked: B rows, F dense, T tables, H hotness."""
+
+    labels: np.ndarray | None  # uint8 [B]
+    dense: np.ndarray  # float32 [B, F], empty values 0
+    keys: np.ndarray  # uint64 [T, B, H], table-major so that each table's keys are contiguous
+    missing: np.ndarray  # bool [T, B, H]
+    empty_dense: np.ndarray  # int64 [F] empty values per dense column
+
+
+@dataclass
+class Transform:
+    fmt: SourceFormat
+    tables: list[TableEncoder]
+    hotness: int = 1
+
+    @property
+    def table_sizes(self) -> tuple[int, ...]:
+        return tuple(t.rows for t in self.tables)
+
+    def features(self, batch: pa.RecordBatch, where: str, first_line: int) -> Features:
+        """Check and read one batch; `first_line` is the file line of its first row."""
+        try:
+            return self._features(batch)
+        except BadValue as e:
+            column = getattr(e, "column", "?")
+            raise DataFormatError(f"{where}:{first_line + e.row}: column {column!r}: {e}") from e
+
+    def _features(self, batch: pa.RecordBatch) -> Features:
+        fmt, rows = self.fmt, batch.num_rows
+        labels = read_labels(batch, fmt.label) if fmt.label else None
+        dense = np.zeros((rows, len(fmt.dense)), np.float32)
+        empty_dense = np.zeros(len(fmt.dense), np.int64)
+        for i, name in enumerate(fmt.dense):
+            dense[:, i], empty_dense[i] = with_column(name, read_dense, batch.column(name))
+        keys = np.zeros((len(self.tables), rows, self.hotness), np.uint64)
+        missing = np.ones((len(self.tables), rows, self.hotness), bool)
+        for t, name in enumerate(fmt.categorical):
+            column = batch.column(name)
+            keys[t], missing[t] = with_column(name, self.column_keys, name, column)
+        if fmt.hour:
+            hours = batch.column(fmt.hour).to_numpy(zero_copy_only=False)
+            t = len(fmt.categorical)
+            (keys[t, :, 0], keys[t + 1, :, 0]) = with_column(fmt.hour, hour_keys, hours)
+            missing[t : t + 2, :, 0] = False
+        return Features(labels, dense, keys, missing, empty_dense)
+
+    def column_keys(self, name: str, column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """[B, H] keys and missing mask of one categorical column."""
+        key_of = hex_keys if self.fmt.keys == "hex" else string_keys
+        separator = self.fmt.multi_hot.get(name)
+        if separator is None:
+            keys, missing = key_of(column)
+            if self.hotness == 1:
+                return keys[:, None], missing[:, None]
+            wide_keys = np.zeros((len(keys), self.hotness), np.uint64)
+            wide_missing = np.ones((len(keys), self.hotness), bool)
+            wide_keys[:, 0], wide_missing[:, 0] = keys, missing
+            return wide_keys, wide_missing
+        values, present = split_multi_hot(column, separator, self.hotness)
+        try:
+            keys, missing = key_of(values)
+        except BadValue as e:  # its row counts flattened values: H per row
+            raise BadValue(e.row // self.hotness, str(e)) from e
+        shape = present.shape
+        return keys.reshape(shape), missing.reshape(shape) | ~present
+
+    def encode(self, keys: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """Keys and missing mask [T, B, H] -> int32 ids [B, T] (hotness 1) or [B, T, H]."""
+        ids = np.empty(keys.shape, np.int32)
+        for t, table in enumerate(self.tables):
+            ids[t] = table.encode(keys[t], missing[t])
+        ids = ids.transpose(1, 0, 2)
+        return np.ascontiguousarray(ids[:, :, 0] if self.hotness == 1 else ids)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.fmt.to_dict(),
+            "hotness": self.hotness,
+            "tables": [
+                {"name": t.name, "encoding": t.encoding, "hash_size": t.hash_size, "rows": t.rows}
+                for t in self.tables
+            ],
+        }
+
+    def save(self, folder: Path) -> None:
+        """transform.json and one vocabulary file per vocab-encoded table."""
+        for table in self.tables:
+            if table.encoding == "vocab":
+                np.save(vocabulary_file(folder, table.name), table.vocabulary)
+        write_json(Path(folder) / TRANSFORM_FILE, self.to_dict())
+
+
+def with_column(name: str, function, *args):
+    """Call `function`, naming `name` in the BadValue it raises."""
+    try:
+        return function(*args)
+    except BadValue as e:
+        e.column = name
+        raise
+
+
+def read_labels(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    column = batch.column(name)
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise with_name(BadValue(row, "the label is empty"), name)
+    values = column.to_numpy()
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise with_name(BadValue(row, f"label must be 0 or 1, got {values[row]}"), name)
+    return values.astype(np.uint8)
+
+
+def with_name(error: BadValue, name: str) -> BadValue:
+    error.column = name
+    return error
+
+
+def read_dense(column: pa.Array) -> tuple[np.ndarray, int]:
+    """float32 values (empty: 0) and the number of empty values; refuses what float32
+    cannot hold rather than storing inf."""
+    empty = int(column.null_count)
+    if empty:
+        column = pc.fill_null(column, 0.0)
+    values = column.to_numpy(zero_copy_only=False)
+    if values.size and not (values.max() <= FLOAT32_MAX and values.min() >= -FLOAT32_MAX):
+        row = int(np.argmax(~(np.abs(values) <= FLOAT32_MAX)))
+        raise BadValue(row, f"{values[row]!r} is not a finite number that fits in float32")
+    return values.astype(np.float32), empty
+
+
+def load_transform(folder: str | Path) -> Transform:
+    """The transform stored in a dataset, run or model folder, vocabularies memory-mapped."""
+    folder = Path(folder)
+    data = read_json(folder / TRANSFORM_FILE)
+    tables = []
+    for spec in data["tables"]:
+        vocabulary = load_vocabulary(folder, spec["name"]) if spec["encoding"] == "vocab" else None
+        tables.append(TableEncoder(spec["name"], spec["encoding"], spec["hash_size"], vocabulary))
+    return Transform(SourceFormat.from_dict(data["format"]), tables, data.get("hotness", 1))
+
+
+def transform_files(folder: str | Path) -> list[Path]:
+    """transform.json and the vocabularies of a folder (none when it has no transform)."""
+    folder = Path(folder)
+    if not (folder / TRANSFORM_FILE).is_file():
+        return []
+    return [folder / TRANSFORM_FILE, *sorted(folder.glob("vocab.*.npy"))]
+
+
+def copy_vocabularies(src_folder: str | Path, dst_folder: str | Path) -> list[Path]:
+    """Copy the transform and vocabularies of `src_folder` (if any) into `dst_folder`."""
+    copied = []
+    for path in transform_files(src_folder):
+        shutil.copyfile(path, Path(dst_folder) / path.name)
+        copied.append(Path(dst_folder) / path.name)
+    return copied

@@ -1,0 +1,200 @@
+"""`mlet predict`: raw rows -> click probabilities with an exported model.
+
+The model folder carries the transform of its training data (transform.json and the
+vocabularies, copied there by train and export), so scoring needs nothing else: rows are
+read by the same front doors and encoded by the same `Transform` that `mlet data` ran,
+values never seen in training land on their table's out-of-vocabulary row, and the dense
+transform runs inside the graph. Scores come from ONNX Runtime in this process, or from a
+KServe v2 server (`--url`). The output (CSV or Parquet) is written to a temporary file and
+renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from mlet.data.encoding import OOV_ID
+from mlet.data.formats import check_columns, file_columns, first_line, is_parquet, read_batches
+from mlet.data.transform import TRANSFORM_FILE, Transform, load_transform
+from mlet.repository import OpenedModel, open_model
+from mlet.runtime import SessionOptions, onnxruntime_session
+from mlet.variants import ONNX_PLATFORM
+
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    url: str | None = None  # a KServe v2 server; None: ONNX Runtime in this process
+    request_rows: int = 1024
+    threads: int = 0
+    timeout_s: float = 60.0
+
+
+@dataclass
+class PredictResult:
+    rows: int
+    seconds: float
+    oov_share: float  # of the categorical values present, the share out of vocabulary
+    out: Path
+
+
+def model_transform(folder: Path) -> Transform:
+    if not (folder / TRANSFORM_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {TRANSFORM_FILE}: export a run trained on a dataset written by "
+            "`mlet data criteo|avazu|csv` (older datasets carry no vocabularies)"
+        )
+    return load_transform(folder)
+
+
+def onnx_scorer(model: OpenedModel, threads: int) -> Scorer:
+    if model.manifest.platform != ONNX_PLATFORM:
+        raise ValueError(f"{model.folder} is a {model.manifest.platform} model: use --url")
+    session = onnxruntime_session(model.model_path, SessionOptions(intra_op_threads=threads))
+    names = model.manifest.spec.input_names
+    return lambda dense, sparse: session.run(None, {names[0]: dense, names[1]: sparse})[0]
+
+
+def http_scorer(url: str, model: OpenedModel, timeout_s: float) -> Scorer:
+    """Scores through the Open Inference Protocol's JSON infer call."""
+    endpoint = f"{url.rstrip('/')}/v2/models/{model.name}/infer"
+    names = model.manifest.spec.input_names
+
+    def score(dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        body = {
+            "inputs": [
+                {"name": names[0], "datatype": "FP32", "shape": list(dense.shape),
+                 "data": dense.ravel().tolist()},
+                {"name": names[1], "datatype": "INT64", "shape": list(sparse.shape),
+                 "data": sparse.ravel().tolist()},
+            ]
+        }  # fmt: skip
+        request = urllib.request.Request(
+            endpoint, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                answer = orjson.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{endpoint}: HTTP {e.code}: {e.read().decode()[:500]}") from e
+        except urllib.error.URLError as e:
+            raise RuntimeError(f"{endpoint}: {e.reason}") from e
+        output = answer["outputs"][0]
+        return np.asarray(output["data"], np.float32).reshape(output["shape"])
+
+    return score
+
+
+class OutputWriter:
+    """Streams (row, [label,] probability) batches to a temporary CSV/Parquet file."""
+
+    def __init__(self, out: Path, schema: pa.Schema) -> None:
+        if out.suffix not in (".csv", ".parquet"):
+            raise ValueError(f"{out}: the output must end in .csv or .parquet")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        self.out, self.tmp = out, Path(tmp)
+        if out.suffix == ".parquet":
+            self.writer = pq.ParquetWriter(self.tmp, schema)
+        else:
+            self.writer = pacsv.CSVWriter(str(self.tmp), schema)
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table)
+
+    def commit(self) -> None:
+        self.writer.close()
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.out)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def predict_files(
+    model: str | Path, sources: list[str | Path], out: str | Path, config: PredictConfig
+) -> PredictResult:
+    """Score every row of `sources` with the model folder `model`; write `out`."""
+    folder, out = Path(model), Path(out)
+    opened = open_model(folder)
+    transform = model_transform(folder)
+    paths = [Path(p) for p in sources]
+    has_label = all_have_label(paths, transform)
+    if not has_label:
+        transform = replace(transform, fmt=transform.fmt.without_label())
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        check_columns(path, transform.fmt, file_columns(path, transform.fmt))
+    if config.url:
+        score = http_scorer(config.url, opened, config.timeout_s)
+    else:
+        score = onnx_scorer(opened, config.threads)
+    fields = [("row", pa.int64())] + ([("label", pa.uint8())] if has_label else [])
+    writer = OutputWriter(out, pa.schema([*fields, ("probability", pa.float32())]))
+    started, rows, present, oov = time.perf_counter(), 0, 0, 0
+    try:
+        for path in paths:
+            line = 1 + (1 if transform.fmt.header else 0)
+            for batch in read_batches(path, transform.fmt):
+                features = transform.features(batch, str(path), line)
+                ids = transform.encode(features.keys, features.missing)
+                probability = score_in_requests(score, features.dense, ids, config.request_rows)
+                columns = {"row": np.arange(rows, rows + batch.num_rows)}
+                if has_label:
+                    columns["label"] = features.labels
+                writer.write(pa.table(columns | {"probability": probability}))
+                present_values = ~features.missing.transpose(1, 0, 2)  # [B, T, H]
+                present += int(present_values.sum())
+                oov += int(((ids.reshape(present_values.shape) == OOV_ID) & present_values).sum())
+                rows, line = rows + batch.num_rows, line + batch.num_rows
+        writer.commit()
+    except BaseException:
+        writer.discard()
+        raise
+    seconds = time.perf_counter() - started
+    return PredictResult(rows, seconds, oov / present if present else 0.0, out)
+
+
+def all_have_label(paths: list[Path], transform: Transform) -> bool:
+    """Whether every file carries the label column (files without header: by field count)."""
+    fmt = transform.fmt
+    if not fmt.label:
+        return False
+    for path in paths:
+        if fmt.header or is_parquet(path):
+            if fmt.label not in file_columns(path, fmt):
+                return False
+            continue
+        fields = len(first_line(path).split(fmt.delimiter))
+        if fields == len(fmt.columns) - 1:
+            return False
+    return True
+
+
+def score_in_requests(score: Scorer, dense: np.ndarray, ids: np.ndarray, rows: int) -> np.ndarray:
+    """Probabilities [B] for a batch, in calls of at most `rows` rows."""
+    sparse = ids.astype(np.int64)
+    parts = [
+        score(dense[i : i + rows], sparse[i : i + rows]).reshape(-1)
+        for i in range(0, len(dense), rows)
+    ]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
