@@ -154,6 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     if args.repo is None and not args.torch_run:
         raise ValueError("give a model repository (--repo) or a run (--torch-run NAME=RUN)")
+    if args.engine == "triton":
+        return serve_with_triton(args, session)
     run_server(
         ServerConfig(
             repo=Path(args.repo) if args.repo else None,
@@ -179,7 +181,8 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
         from mlet.files import write_json
 
         config = SweepConfig(duration=args.duration, repetitions=args.repetitions,
-                             locust_processes=args.locust_processes)  # fmt: skip
+                             locust_processes=args.locust_processes,
+                             engine=bench_engine(args))  # fmt: skip
         summaries = run_sweep(args.repo, args.models, config, Path(args.out) / "locust")
         write_json(Path(args.out) / "sweep.json", summaries)
         print(f"wrote {Path(args.out) / 'sweep.json'}")
@@ -192,6 +195,7 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
         rows=args.rows,
         binary=args.binary,
         locust_processes=args.locust_processes,
+        engine=bench_engine(args),
     )
     run_load(args.repo, args.models, config, args.out)
     print((Path(args.out) / "summary.md").read_text())
@@ -217,6 +221,7 @@ def compare_config(args: argparse.Namespace):
         duration=args.duration,
         repetitions=args.repetitions,
         locust_processes=args.locust_processes,
+        engine=bench_engine(args),
     )
     return CompareConfig(
         micro=micro,
@@ -272,6 +277,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         large_users=args.large_users,
         duration=args.duration,
         repetitions=args.repetitions,
+        engine=bench_engine(args),
     )
     run_serve_bench(args.repo, args.model, config, args.out)
     print((Path(args.out) / "serve.md").read_text())
@@ -305,6 +311,66 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     report = run_demo(DemoConfig(out=Path(args.out), rows=args.rows))
     print(f"report: {report}")
+
+
+# -- serving engines: ours or real Triton ----------------------------------------------
+
+
+def serve_with_triton(args: argparse.Namespace, session) -> None:
+    from serve.triton_engine import TritonConfig, run_triton
+
+    if args.torch_run or not args.repo:
+        raise ValueError("--engine triton serves a model repository (--repo), not --torch-run")
+    config = TritonConfig(
+        repo=Path(args.repo), host=args.host, port=args.port, models=args.models,
+        tritonserver=Path(args.tritonserver) if args.tritonserver else None, session=session,
+    )  # fmt: skip
+    code = run_triton(config)
+    if code:
+        raise SystemExit(code)
+
+
+def bench_engine(args: argparse.Namespace):
+    from bench.engines import engine_from_args
+
+    engine = getattr(args, "engine", "mlet")  # `bench micro` runs in process: no engine
+    return engine_from_args(engine, getattr(args, "url", None), getattr(args, "tritonserver", None))
+
+
+def cmd_bench_engines(args: argparse.Namespace) -> None:
+    from bench.engines import EnginesConfig, run_engines
+
+    config = EnginesConfig(
+        engines=tuple(args.engines), duration=args.duration, connections=args.connections,
+        generator=args.generator, locust_processes=args.locust_processes,
+        tritonserver=args.tritonserver,
+    )  # fmt: skip
+    run_engines(args.repo, args.model, config, args.out)
+    print((Path(args.out) / "engines.md").read_text())
+
+
+def add_engine_commands(serve, bench, load_commands: list) -> None:
+    """--engine on `serve` and the load benchmarks; `mlet bench engines`."""
+    engine_help = "mlet (ours) or triton (real Triton Inference Server)"
+    serve.add_argument("--engine", choices=["mlet", "triton"], default="mlet", help=engine_help)
+    serve.add_argument("--tritonserver", help="tritonserver binary (default: PATH, .venv-triton)")
+    for command in load_commands:
+        command.add_argument(
+            "--engine", choices=["mlet", "triton"], default="mlet", help=engine_help
+        )
+        command.add_argument("--url", help="an already running KServe v2 server instead")
+        command.add_argument("--tritonserver", help="tritonserver binary for --engine triton")
+    engines = bench.add_parser("engines", help="our server and Triton, same model, same load")
+    engines.add_argument("--repo", required=True)
+    engines.add_argument("--model", required=True)
+    engines.add_argument("--engines", type=name_list, default=["mlet", "triton"])
+    engines.add_argument("--duration", type=float, default=20.0, help="seconds per load")
+    engines.add_argument("--connections", type=int, default=32)
+    engines.add_argument("--generator", choices=["auto", "wrk", "locust"], default="auto")
+    engines.add_argument("--locust-processes", type=int, default=2, help="without wrk")
+    engines.add_argument("--tritonserver", help="tritonserver binary (default: PATH, .venv-triton)")
+    engines.add_argument("--out", required=True, help="results folder")
+    engines.set_defaults(handler=cmd_bench_engines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     int8_mlp.add_argument("--model", required=True, help="an int8 variant, e.g. NAME-int8")
     int8_mlp.add_argument("--out", required=True, help="results folder")
     int8_mlp.set_defaults(handler=cmd_bench_int8_mlp)
+
+    add_engine_commands(serve, bench, [load, run, serve_bench])
 
     demo = stages.add_parser("demo", help="the whole pipeline on the synthetic default")
     demo.add_argument("--out", default="demo-out")

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.load import LoadConfig, load_step, running_server, warm_up
+from bench.engines import Engine, running_engine
+from bench.load import LoadConfig, load_step, warm_up
 from bench.stats import median_and_spread
 from mlet.files import read_json
 
@@ -43,6 +44,7 @@ class SweepConfig:
     saturation_gain: float = 0.05  # a step that adds less throughput than this has saturated
     locust_processes: int = 1
     server_args: tuple[str, ...] = ()
+    engine: Engine = field(default_factory=Engine)
     reference_users: int = 16  # the 1-row step whose p99 the headline compares
     steps_run: dict = field(default_factory=dict)  # "model/kind" -> users stepped through
 
@@ -61,7 +63,7 @@ def sweep_once(repo: Path, model: str, config: SweepConfig, out: Path, first: bo
     manifest = repo / model / "manifest.json"
     manifest_data = read_json(manifest)
     curves = {}
-    with running_server(repo, [model], *config.server_args) as (url, server):
+    with running_engine(config.engine, repo, [model], *config.server_args) as (url, server):
         rss_loaded = server.memory_info().rss
         for kind in config.kinds:
             steps, previous = [], None
@@ -121,6 +123,7 @@ def summarise(repo: Path, model: str, runs: list[dict], config: SweepConfig) -> 
         curves[kind.name] = steps
     return {
         "model": model,
+        "engine": config.engine.describe(),
         "model_bytes": manifest["model_bytes"],
         "embedding_bytes": manifest["model"]["embedding_bytes_inference"],
         "test_auc": exported_auc(manifest),

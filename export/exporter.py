@@ -269,6 +269,8 @@ def export_variants(
     if not wanted:
         raise ExportError(f"nothing to export: {'; '.join(sorted(set(skipped.values())))}")
     spec = spec_for(run.model_config.collapsed(), max_batch_size=config.max_batch_size)
+    for variant in wanted:  # refuse what Triton would refuse before any work is done
+        render_config(model_name(base, variant), spec)
     weights = RunWeights(run)
     stages: dict[str, VariantExport] = {}
     try:
@@ -512,7 +514,9 @@ def finish_manifest(stage: VariantExport, seconds: float) -> None:
     """Write config.pbtxt and manifest.json into the staging folder."""
     spec = ExportSpec.from_dict(stage.manifest["spec"])
     platform = stage.manifest["platform"]
-    (stage.staging / CONFIG_FILE).write_text(render_config(stage.name, spec, platform))
+    transform = stage.manifest["model"]["dense_transform"]
+    config = render_config(stage.name, spec, platform, dense_transform=transform)
+    (stage.staging / CONFIG_FILE).write_text(config)
     files = file_entries(stage.staging)
     stage.manifest = {
         "name": stage.name,

@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from serve.dataplane import DataPlane
 from serve.protocol import HEADER_LENGTH, InferenceError
+from serve.triton_json import served_model_config
 
 log = logging.getLogger("mlet.serve")
 SERVER_NAME = "mlet"
@@ -107,6 +108,10 @@ def create_app(plane: DataPlane, limits: ServerLimits | None = None) -> Starlett
         model = plane.model(request.path_params["model"], request.path_params.get("version"))
         return json_response({"name": model.name, "ready": True})
 
+    async def model_config(request: Request) -> Response:
+        model = plane.model(request.path_params["model"], request.path_params.get("version"))
+        return json_response(served_model_config(model))
+
     async def infer(request: Request) -> Response:
         body = await read_body(request, limits.max_body_bytes)
         content, headers = await plane.infer(
@@ -161,6 +166,8 @@ def create_app(plane: DataPlane, limits: ServerLimits | None = None) -> Starlett
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/stats", statistics),
+        Route("/v2/models/{model}/config", model_config),
+        Route("/v2/models/{model}/versions/{version}/config", model_config),
         Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
