@@ -35,6 +35,48 @@ def name_list(text: str) -> list[str]:
     return names
 
 
+def named_run(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=RUN_FOLDER, got {text!r}")
+    return name, Path(path)
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def add_data(stages) -> None:
+    data = stages.add_parser("data", help="create a dataset folder").add_subparsers(
+        dest="source", required=True
+    )
+    synth = data.add_parser("synth", help="the built-in synthetic Criteo-like dataset")
+    synth.add_argument("--out", required=True, help="dataset folder to create")
+    synth.add_argument("--rows", type=int, default=500_000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--hotness", type=int, default=1, help="ids per table per row (summed)")
+    synth.add_argument("--table-sizes", type=int_list, help="comma-separated rows per table")
+    synth.add_argument("--overwrite", action="store_true")
+    synth.set_defaults(handler=cmd_data_synth)
+
+    criteo = data.add_parser("criteo", help="convert a Criteo TSV file (.gz accepted)")
+    criteo.add_argument("source", help="TSV file: label, I1..I13, C1..C26")
+    criteo.add_argument("--out", required=True, help="dataset folder to create")
+    criteo.add_argument("--table-size", type=int, default=100_000, help="hash range per table")
+    criteo.add_argument("--table-sizes", type=int_list, help="26 comma-separated hash ranges")
+    criteo.add_argument("--max-rows", type=int, help="read at most this many rows")
+    criteo.add_argument("--overwrite", action="store_true")
+    criteo.set_defaults(handler=cmd_data_criteo)
+
+    movielens = data.add_parser("movielens", help="MovieLens-100k as click prediction")
+    movielens.add_argument(
+        "source", help="folder with u.data/u.user/u.item or ml-100k.*, or RecBole's wheel"
+    )
+    movielens.add_argument("--out", required=True, help="dataset folder to create")
+    movielens.add_argument("--split", choices=["user-recent", "time"], default="user-recent")
+    movielens.add_argument("--overwrite", action="store_true")
+    movielens.set_defaults(handler=cmd_data_movielens)
+
+
 def cmd_data_synth(args: argparse.Namespace) -> None:
     from mlet.data.synthetic import SyntheticConfig, generate
 
@@ -67,11 +109,39 @@ def cmd_data_movielens(args: argparse.Namespace) -> None:
     )
 
 
+# -- study -----------------------------------------------------------------------------
+
+
+def add_study(stages) -> None:
+    study = stages.add_parser("study", help="accuracy against embedding size: the MLET study")
+    study.add_argument("--data", required=True, help="dataset folder")
+    study.add_argument("--out", help="study folder (default results/study-<data folder>)")
+    study.add_argument("--quick", action="store_true", help="the small grid (minutes)")
+    study.add_argument("--seeds", type=int_list, help="seeds (default 0,1,2)")
+    study.add_argument("--regimes", type=name_list, help="one-pass,tuned (default both)")
+    study.add_argument("--max-rows", type=int, help="use the first N rows (0: all)")
+    study.add_argument("--workers", type=int, default=1, help="cells trained in parallel")
+    study.add_argument("--threads", type=int, default=0, help="torch threads per worker")
+    study.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    study.add_argument("--stage", choices=["all", "grid", "overhead", "report"], default="all")
+    study.add_argument("--title", help="name used in the report and plots")
+    study.add_argument(
+        "--overhead-widths",
+        type=int_pair,
+        metavar="D,EQUAL",
+        help="MLET width to time and the full width of equal accuracy (default: the study's)",
+    )
+    for name in GRID_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        study.add_argument(flag, type=int_list, help=f"a subset of the grid's {name}")
+    study.set_defaults(handler=cmd_study)
+
+
 GRID_OPTIONS = ("full_dims", "mlet_dims", "mlet_hidden", "svd_dims", "contrast_dims")
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from train.study_command import StudyCommand, run_study_command
+    from study.command import StudyCommand, run_study_command
 
     fields = ("data", "out", "quick", "seeds", "regimes", "max_rows", "workers", "threads")
     options = {name: getattr(args, name) for name in fields}
@@ -86,6 +156,28 @@ def cmd_study(args: argparse.Namespace) -> None:
     )
     report = run_study_command(command)
     print(f"report: {report}")
+
+
+# -- train -----------------------------------------------------------------------------
+
+
+def add_train(stages) -> None:
+    train = stages.add_parser("train", help="train a DLRM and write a run folder")
+    train.add_argument("--data", required=True, help="dataset folder")
+    train.add_argument("--out", required=True, help="run folder to create, e.g. runs/NAME")
+    train.add_argument("--embedding", choices=["full", "mlet"], default="full")
+    train.add_argument("--dim", type=int, required=True, help="embedding width D")
+    train.add_argument("--hidden", type=int, help="inner width K of a multi-layer table")
+    train.add_argument("--optimizer", choices=["adagrad", "sgd"], default="adagrad")
+    train.add_argument("--lr", type=float, default=0.02)
+    train.add_argument("--embedding-lr", type=float, help="learning rate of the tables")
+    train.add_argument("--batch-size", type=int, default=512)
+    train.add_argument("--epochs", type=int, default=5, help="most epochs (early stopping)")
+    train.add_argument("--patience", type=int, default=1)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--overwrite", action="store_true")
+    train.set_defaults(handler=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -112,6 +204,30 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+# -- export ----------------------------------------------------------------------------
+
+
+def add_export(stages) -> None:
+    export = stages.add_parser("export", help="collapse, lower to ONNX, write a model folder")
+    export.add_argument("run", help="run folder written by `mlet train`")
+    export.add_argument("--repo", required=True, help="model repository (Triton layout)")
+    export.add_argument("--name", help="model name (default: the run folder's name)")
+    export.add_argument("--max-batch-size", type=int, default=4096)
+    export.add_argument("--replace", action="store_true", help="replace a different model")
+    export.add_argument(
+        "--variants", type=name_list, default=["fp32"],
+        help="fp32,fp16,int8,trt,trt-fp16: each becomes a model NAME[-VARIANT]",
+    )  # fmt: skip
+    export.add_argument(
+        "--max-auc-loss", type=float, default=0.001, help="refuse a variant losing more test AUC"
+    )
+    export.add_argument(
+        "--external-data-bytes", type=int, default=64 << 20,
+        help="weights beyond this go to model.onnx.data, which ONNX Runtime maps",
+    )  # fmt: skip
+    export.set_defaults(handler=cmd_export)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from export.exporter import ExportConfig, export_variants, result_line
 
@@ -130,10 +246,58 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"skipped {variant}: {reason}")
 
 
+# -- serve -----------------------------------------------------------------------------
+
+
+def add_serve(stages) -> None:
+    serve = stages.add_parser("serve", help="serve a model repository (KServe v2 over HTTP)")
+    serve.add_argument("--repo", help="model repository written by `mlet export`")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--models", type=name_list, help="load only these models at start")
+    serve.add_argument(
+        "--torch-run", type=named_run, action="append", default=[], metavar="NAME=RUN",
+        help="also serve a training run with PyTorch (the uncollapsed model), as NAME",
+    )  # fmt: skip
+    http = serve.add_argument_group("connections")
+    http.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
+    http.add_argument("--max-connections", type=int, default=1024, help="503 above this")
+    http.add_argument("--header-timeout", type=float, default=10.0, help="seconds for headers")
+    http.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a body")
+    http.add_argument("--keep-alive", type=float, default=5.0, help="idle seconds kept open")
+    batching = serve.add_argument_group("dynamic batching (default: each model's config.pbtxt)")
+    batching.add_argument("--batching", choices=["config", "on", "off"], default="config")
+    batching.add_argument("--max-queue-delay-us", type=int, help="longest wait for a batch")
+    batching.add_argument("--preferred-batch-sizes", type=int_list, help="e.g. 64,256")
+    batching.add_argument("--instances", type=int, help="batches run at once per model")
+    batching.add_argument("--max-queue-rows", type=int, default=65536, help="503 above this")
+    batching.add_argument(
+        "--request-timeout", type=float, default=10.0, help="seconds a request may wait (0: none)"
+    )
+    runtime = serve.add_argument_group("ONNX Runtime session")
+    runtime.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads (0: cores / instances)"
+    )
+    runtime.add_argument("--inter-op-threads", type=int, default=1)
+    runtime.add_argument("--no-memory-arena", action="store_true")
+    runtime.add_argument(
+        "--graph-optimization", choices=["disable", "basic", "extended", "all"], default="all"
+    )
+    runtime.add_argument(
+        "--spin", action="store_true", help="let idle threads spin (lower latency, more CPU)"
+    )
+    runtime.add_argument(
+        "--providers", type=name_list, default=["CPUExecutionProvider"],
+        help="execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider",
+    )  # fmt: skip
+    serve_engine_options(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
-    from serve.app import ServerLimits
-    from serve.backends import SessionOptions
+    from mlet.runtime import SessionOptions
     from serve.dataplane import BatchingOverrides, PlaneConfig
+    from serve.http import HttpLimits
     from serve.server import ServerConfig, run_server
 
     session = SessionOptions(
@@ -163,29 +327,104 @@ def cmd_serve(args: argparse.Namespace) -> None:
             port=args.port,
             models=args.models,
             plane=PlaneConfig(session=session, batching=batching, torch_runs=tuple(args.torch_run)),
-            limits=ServerLimits(max_body_bytes=args.max_body_bytes),
+            limits=HttpLimits(
+                max_body_bytes=args.max_body_bytes,
+                max_connections=args.max_connections,
+                header_timeout_s=args.header_timeout,
+                body_timeout_s=args.body_timeout,
+                keep_alive_s=args.keep_alive,
+            ),
         )
     )
 
 
-def named_run(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=RUN_FOLDER, got {text!r}")
-    return name, Path(path)
+# -- bench -----------------------------------------------------------------------------
+
+
+def add_bench(stages) -> None:
+    bench = stages.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)
+    load = bench.add_parser("load", help="Locust load test of served models")
+    load.add_argument("--repo", required=True)
+    load.add_argument("--models", type=name_list, required=True, help="comma-separated names")
+    load.add_argument("--users", type=int, default=16)
+    load.add_argument("--duration", type=float, default=10.0, help="seconds per model")
+    load.add_argument("--rows", type=int, default=1, help="rows per request")
+    load.add_argument("--binary", action="store_true", help="binary tensor extension")
+    load.add_argument("--sweep", action="store_true", help="step the users until saturation")
+    load.add_argument("--repetitions", type=int, default=3, help="sweep repetitions")
+    load.add_argument("--locust-processes", type=int, default=1, help="Locust worker processes")
+    load.add_argument("--out", required=True, help="results folder")
+    load.set_defaults(handler=cmd_bench_load)
+
+    run = bench.add_parser("run", help="micro-benchmarks, load sweep and report in one run")
+    model_options(run)
+    run.add_argument("--baseline", help="model the others are compared with")
+    run.add_argument("--compressed", type=name_list, help="models marked compressed")
+    run.add_argument("--same-width", type=name_list, help="full tables at MLET's width")
+    run.add_argument("--duration", type=float, default=8.0, help="seconds per step")
+    run.add_argument("--locust-processes", type=int, default=1)
+    run.add_argument("--study", help="a `mlet study` folder for the accuracy plot")
+    run.add_argument("--out", help="results folder (default results/<UTC time>)")
+    run.set_defaults(handler=cmd_bench_run)
+
+    micro = bench.add_parser("micro", help="in-process latency, throughput and memory")
+    model_options(micro)
+    micro.add_argument("--out", required=True)
+    micro.set_defaults(handler=cmd_bench_micro)
+
+    report = bench.add_parser("report", help="report.md and report.html of a results folder")
+    report.add_argument("results", help="folder written by `mlet bench run`")
+    report.set_defaults(handler=cmd_bench_report)
+
+    serve_bench = bench.add_parser("serve", help="batching on/off and server vs in-process")
+    serve_bench.add_argument("--repo", required=True)
+    serve_bench.add_argument("--model", required=True)
+    serve_bench.add_argument("--users", type=int, default=64, help="users sending 1-row requests")
+    serve_bench.add_argument("--rows", type=int, default=256, help="rows per large request")
+    serve_bench.add_argument("--large-users", type=int, default=32)
+    serve_bench.add_argument("--duration", type=float, default=15.0, help="seconds per run")
+    serve_bench.add_argument("--repetitions", type=int, default=3)
+    serve_bench.add_argument("--out", required=True, help="results folder")
+    serve_bench.set_defaults(handler=cmd_bench_serve)
+
+    export_bench = bench.add_parser(
+        "export", help="export a Criteo-Kaggle-sized MLET model: time, memory, session load"
+    )
+    export_bench.add_argument("--out", required=True, help="results folder")
+    export_bench.add_argument("--work", help="where the 8.6 GB checkpoint and models go")
+    export_bench.add_argument("--variants", type=name_list, default=["fp32"])
+    export_bench.add_argument("--keep", action="store_true", help="keep checkpoint and models")
+    export_bench.add_argument("--dim", type=int, default=16, help="D of the collapsed tables")
+    export_bench.add_argument("--hidden", type=int, default=64, help="K of the MLET tables")
+    export_bench.add_argument("--name", default="kaggle", help="model name in WORK/models")
+    export_bench.set_defaults(handler=cmd_bench_export)
+
+    int8_mlp = bench.add_parser("int8-mlp", help="int8 model: float32 vs quantized MLPs")
+    int8_mlp.add_argument("--repo", required=True)
+    int8_mlp.add_argument("--model", required=True, help="an int8 variant, e.g. NAME-int8")
+    int8_mlp.add_argument("--out", required=True, help="results folder")
+    int8_mlp.set_defaults(handler=cmd_bench_int8_mlp)
+    add_engine_commands(bench, [load, run, serve_bench])
+
+
+def model_options(command: argparse.ArgumentParser) -> None:
+    """The models `bench run` and `bench micro` measure, and how often."""
+    command.add_argument("--repo", required=True)
+    command.add_argument("--models", type=name_list, required=True)
+    command.add_argument("--torch-run", type=named_run, action="append", default=[],
+                         metavar="NAME=RUN", help="also time a run in PyTorch")  # fmt: skip
+    command.add_argument("--repetitions", type=int, default=3)
+    command.add_argument("--quick", action="store_true", help="fewer batch sizes, shorter")
 
 
 def cmd_bench_load(args: argparse.Namespace) -> None:
     if args.sweep:
-        from bench.sweep import SweepConfig, run_sweep
-        from mlet.files import write_json
+        from bench.sweep import SweepConfig, run_sweep_command
 
         config = SweepConfig(duration=args.duration, repetitions=args.repetitions,
                              locust_processes=args.locust_processes,
                              engine=bench_engine(args))  # fmt: skip
-        summaries = run_sweep(args.repo, args.models, config, Path(args.out) / "locust")
-        write_json(Path(args.out) / "sweep.json", summaries)
-        print(f"wrote {Path(args.out) / 'sweep.json'}")
+        print(f"wrote {run_sweep_command(args.repo, args.models, config, Path(args.out))}")
         return
     from bench.load import LoadConfig, run_load
 
@@ -201,9 +440,16 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
     print((Path(args.out) / "summary.md").read_text())
 
 
+def micro_config(args: argparse.Namespace):
+    from bench.micro import MicroConfig
+
+    if args.quick:
+        return MicroConfig(repetitions=args.repetitions, min_seconds=0.2, batch_sizes=(1, 64, 1024))
+    return MicroConfig(repetitions=args.repetitions)
+
+
 def compare_config(args: argparse.Namespace):
     from bench.compare import CompareConfig
-    from bench.micro import MicroConfig
     from bench.sweep import SweepConfig
 
     roles = {args.baseline: "baseline"} if args.baseline else {}
@@ -211,12 +457,6 @@ def compare_config(args: argparse.Namespace):
         roles[name] = "compressed"
     for name in args.same_width or []:
         roles[name] = "same width"
-    quick = args.quick
-    micro = MicroConfig(
-        repetitions=args.repetitions,
-        min_seconds=0.2 if quick else 1.0,
-        batch_sizes=(1, 64, 1024) if quick else MicroConfig.batch_sizes,
-    )
     sweep = SweepConfig(
         duration=args.duration,
         repetitions=args.repetitions,
@@ -224,7 +464,7 @@ def compare_config(args: argparse.Namespace):
         engine=bench_engine(args),
     )
     return CompareConfig(
-        micro=micro,
+        micro=micro_config(args),
         sweep=sweep,
         roles=roles,
         torch_runs=tuple(args.torch_run),
@@ -242,23 +482,12 @@ def cmd_bench_run(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_micro(args: argparse.Namespace) -> None:
-    from bench.environment import environment
-    from bench.micro import Target, run_micro
-    from mlet.files import write_json
+    from bench.micro import Target, micro_lines, run_micro_command
 
-    config = compare_config(args)
     targets = [Target(m, Path(args.repo) / m) for m in args.models]
     targets += [Target(name, path, "pytorch") for name, path in args.torch_run]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "environment.json", environment({"micro": str(config.micro)}))
-    results = run_micro(targets, config.micro)
-    write_json(out / "micro.json", results)
-    for m in results:
-        for t in m["timings"]:
-            p50, p99, rows = (t[k]["median"] for k in ("p50_ms", "p99_ms", "rows_per_s"))
-            print(f"{m['name']:>20} batch {t['batch']:>5}: p50 {p50:.3f} ms, p99 {p99:.3f} ms, "
-                  f"{rows:,.0f} rows/s")  # fmt: skip
+    results = run_micro_command(targets, micro_config(args), Path(args.out))
+    print("\n".join(micro_lines(results)))
 
 
 def cmd_bench_report(args: argparse.Namespace) -> None:
@@ -306,14 +535,15 @@ def cmd_bench_int8_mlp(args: argparse.Namespace) -> None:
     print((Path(args.out) / "int8_mlp.md").read_text())
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from demo import DemoConfig, run_demo
+# -- serving engines: ours or real Triton ------------------------------------------------
 
-    report = run_demo(DemoConfig(out=Path(args.out), rows=args.rows))
-    print(f"report: {report}")
+ENGINE_HELP = "mlet (ours) or triton (real Triton Inference Server)"
+TRITONSERVER_HELP = "tritonserver binary (default: on PATH, else .venv-triton's)"
 
 
-# -- serving engines: ours or real Triton ----------------------------------------------
+def serve_engine_options(serve) -> None:
+    serve.add_argument("--engine", choices=["mlet", "triton"], default="mlet", help=ENGINE_HELP)
+    serve.add_argument("--tritonserver", help=TRITONSERVER_HELP)
 
 
 def serve_with_triton(args: argparse.Namespace, session) -> None:
@@ -330,11 +560,28 @@ def serve_with_triton(args: argparse.Namespace, session) -> None:
         raise SystemExit(code)
 
 
+def add_engine_commands(bench, load_commands: list) -> None:
+    """--engine and --url on the load benchmarks; `mlet bench engines`."""
+    for command in load_commands:
+        serve_engine_options(command)
+        command.add_argument("--url", help="load an already running KServe v2 server instead")
+    engines = bench.add_parser("engines", help="our server and Triton, same model, same load")
+    engines.add_argument("--repo", required=True)
+    engines.add_argument("--model", required=True)
+    engines.add_argument("--engines", type=name_list, default=["mlet", "triton"])
+    engines.add_argument("--duration", type=float, default=20.0, help="seconds per load")
+    engines.add_argument("--connections", type=int, default=32)
+    engines.add_argument("--generator", choices=["auto", "wrk", "locust"], default="auto")
+    engines.add_argument("--locust-processes", type=int, default=2, help="without wrk")
+    engines.add_argument("--tritonserver", help=TRITONSERVER_HELP)
+    engines.add_argument("--out", required=True, help="results folder")
+    engines.set_defaults(handler=cmd_bench_engines)
+
+
 def bench_engine(args: argparse.Namespace):
     from bench.engines import engine_from_args
 
-    engine = getattr(args, "engine", "mlet")  # `bench micro` runs in process: no engine
-    return engine_from_args(engine, getattr(args, "url", None), getattr(args, "tritonserver", None))
+    return engine_from_args(args.engine, args.url, args.tritonserver)
 
 
 def cmd_bench_engines(args: argparse.Namespace) -> None:
@@ -349,237 +596,28 @@ def cmd_bench_engines(args: argparse.Namespace) -> None:
     print((Path(args.out) / "engines.md").read_text())
 
 
-def add_engine_commands(serve, bench, load_commands: list) -> None:
-    """--engine on `serve` and the load benchmarks; `mlet bench engines`."""
-    engine_help = "mlet (ours) or triton (real Triton Inference Server)"
-    serve.add_argument("--engine", choices=["mlet", "triton"], default="mlet", help=engine_help)
-    serve.add_argument("--tritonserver", help="tritonserver binary (default: PATH, .venv-triton)")
-    for command in load_commands:
-        command.add_argument(
-            "--engine", choices=["mlet", "triton"], default="mlet", help=engine_help
-        )
-        command.add_argument("--url", help="an already running KServe v2 server instead")
-        command.add_argument("--tritonserver", help="tritonserver binary for --engine triton")
-    engines = bench.add_parser("engines", help="our server and Triton, same model, same load")
-    engines.add_argument("--repo", required=True)
-    engines.add_argument("--model", required=True)
-    engines.add_argument("--engines", type=name_list, default=["mlet", "triton"])
-    engines.add_argument("--duration", type=float, default=20.0, help="seconds per load")
-    engines.add_argument("--connections", type=int, default=32)
-    engines.add_argument("--generator", choices=["auto", "wrk", "locust"], default="auto")
-    engines.add_argument("--locust-processes", type=int, default=2, help="without wrk")
-    engines.add_argument("--tritonserver", help="tritonserver binary (default: PATH, .venv-triton)")
-    engines.add_argument("--out", required=True, help="results folder")
-    engines.set_defaults(handler=cmd_bench_engines)
+# -- demo ------------------------------------------------------------------------------
+
+
+def add_demo(stages) -> None:
+    demo = stages.add_parser("demo", help="the whole pipeline on the synthetic default")
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--rows", type=int, default=500_000)
+    demo.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(out=Path(args.out), rows=args.rows))
+    print(f"report: {report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlet", description=__doc__.splitlines()[0])
     stages = parser.add_subparsers(dest="command", required=True)
-
-    data = stages.add_parser("data", help="create a dataset folder").add_subparsers(
-        dest="source", required=True
-    )
-    synth = data.add_parser("synth", help="the built-in synthetic Criteo-like dataset")
-    synth.add_argument("--out", required=True, help="dataset folder to create")
-    synth.add_argument("--rows", type=int, default=500_000)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--hotness", type=int, default=1, help="ids per table per row (summed)")
-    synth.add_argument("--table-sizes", type=int_list, help="comma-separated rows per table")
-    synth.add_argument("--overwrite", action="store_true")
-    synth.set_defaults(handler=cmd_data_synth)
-
-    criteo = data.add_parser("criteo", help="convert a Criteo TSV file (.gz accepted)")
-    criteo.add_argument("source", help="TSV file: label, I1..I13, C1..C26")
-    criteo.add_argument("--out", required=True, help="dataset folder to create")
-    criteo.add_argument("--table-size", type=int, default=100_000, help="hash range per table")
-    criteo.add_argument("--table-sizes", type=int_list, help="26 comma-separated hash ranges")
-    criteo.add_argument("--max-rows", type=int, help="read at most this many rows")
-    criteo.add_argument("--overwrite", action="store_true")
-    criteo.set_defaults(handler=cmd_data_criteo)
-
-    movielens = data.add_parser("movielens", help="MovieLens-100k as click prediction")
-    movielens.add_argument(
-        "source", help="folder with u.data/u.user/u.item or ml-100k.*, or RecBole's wheel"
-    )
-    movielens.add_argument("--out", required=True, help="dataset folder to create")
-    movielens.add_argument("--split", choices=["user-recent", "time"], default="user-recent")
-    movielens.add_argument("--overwrite", action="store_true")
-    movielens.set_defaults(handler=cmd_data_movielens)
-
-    train = stages.add_parser("train", help="train a DLRM and write a run folder")
-    train.add_argument("--data", required=True, help="dataset folder")
-    train.add_argument("--out", required=True, help="run folder to create, e.g. runs/NAME")
-    train.add_argument("--embedding", choices=["full", "mlet"], default="full")
-    train.add_argument("--dim", type=int, required=True, help="embedding width D")
-    train.add_argument("--hidden", type=int, help="inner width K of a multi-layer table")
-    train.add_argument("--optimizer", choices=["adagrad", "sgd"], default="adagrad")
-    train.add_argument("--lr", type=float, default=0.02)
-    train.add_argument("--embedding-lr", type=float, help="learning rate of the tables")
-    train.add_argument("--batch-size", type=int, default=512)
-    train.add_argument("--epochs", type=int, default=5, help="most epochs (early stopping)")
-    train.add_argument("--patience", type=int, default=1)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    train.add_argument("--overwrite", action="store_true")
-    train.set_defaults(handler=cmd_train)
-
-    study = stages.add_parser("study", help="accuracy against embedding size: the MLET study")
-    study.add_argument("--data", required=True, help="dataset folder")
-    study.add_argument("--out", help="study folder (default results/study-<data folder>)")
-    study.add_argument("--quick", action="store_true", help="the small grid (minutes)")
-    study.add_argument("--seeds", type=int_list, help="seeds (default 0,1,2)")
-    study.add_argument("--regimes", type=name_list, help="one-pass,tuned (default both)")
-    study.add_argument("--max-rows", type=int, help="use the first N rows (0: all)")
-    study.add_argument("--workers", type=int, default=1, help="cells trained in parallel")
-    study.add_argument("--threads", type=int, default=0, help="torch threads per worker")
-    study.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    study.add_argument("--stage", choices=["all", "grid", "overhead", "report"], default="all")
-    study.add_argument("--title", help="name used in the report and plots")
-    study.add_argument(
-        "--overhead-widths",
-        type=int_pair,
-        metavar="D,EQUAL",
-        help="MLET width to time and the full width of equal accuracy (default: the study's)",
-    )
-    for name in GRID_OPTIONS:
-        flag = "--" + name.replace("_", "-")
-        study.add_argument(flag, type=int_list, help=f"a subset of the grid's {name}")
-    study.set_defaults(handler=cmd_study)
-
-    export = stages.add_parser("export", help="collapse, lower to ONNX, write a model folder")
-    export.add_argument("run", help="run folder written by `mlet train`")
-    export.add_argument("--repo", required=True, help="model repository (Triton layout)")
-    export.add_argument("--name", help="model name (default: the run folder's name)")
-    export.add_argument("--max-batch-size", type=int, default=4096)
-    export.add_argument("--replace", action="store_true", help="replace a different model")
-    export.add_argument(
-        "--variants", type=name_list, default=["fp32"],
-        help="fp32,fp16,int8,trt,trt-fp16: each becomes a model NAME[-VARIANT]",
-    )  # fmt: skip
-    export.add_argument(
-        "--max-auc-loss", type=float, default=0.001, help="refuse a variant losing more test AUC"
-    )
-    export.add_argument(
-        "--external-data-bytes", type=int, default=64 << 20,
-        help="weights beyond this go to model.onnx.data, which ONNX Runtime maps",
-    )  # fmt: skip
-    export.set_defaults(handler=cmd_export)
-
-    serve = stages.add_parser("serve", help="serve a model repository (KServe v2 over HTTP)")
-    serve.add_argument("--repo", help="model repository written by `mlet export`")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--models", type=name_list, help="load only these models at start")
-    serve.add_argument(
-        "--torch-run", type=named_run, action="append", default=[], metavar="NAME=RUN",
-        help="also serve a training run with PyTorch (the uncollapsed model), as NAME",
-    )  # fmt: skip
-    serve.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
-    batching = serve.add_argument_group("dynamic batching (default: each model's config.pbtxt)")
-    batching.add_argument("--batching", choices=["config", "on", "off"], default="config")
-    batching.add_argument("--max-queue-delay-us", type=int, help="longest wait for a batch")
-    batching.add_argument("--preferred-batch-sizes", type=int_list, help="e.g. 64,256")
-    batching.add_argument("--instances", type=int, help="batches run at once per model")
-    batching.add_argument("--max-queue-rows", type=int, default=65536, help="503 above this")
-    batching.add_argument(
-        "--request-timeout", type=float, default=10.0, help="seconds a request may wait (0: none)"
-    )
-    runtime = serve.add_argument_group("ONNX Runtime session")
-    runtime.add_argument(
-        "--threads", type=int, default=0, help="intra-op threads (0: cores / instances)"
-    )
-    runtime.add_argument("--inter-op-threads", type=int, default=1)
-    runtime.add_argument("--no-memory-arena", action="store_true")
-    runtime.add_argument(
-        "--graph-optimization", choices=["disable", "basic", "extended", "all"], default="all"
-    )
-    runtime.add_argument(
-        "--spin", action="store_true", help="let idle threads spin (lower latency, more CPU)"
-    )
-    runtime.add_argument(
-        "--providers", type=name_list, default=["CPUExecutionProvider"],
-        help="execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider",
-    )  # fmt: skip
-    serve.set_defaults(handler=cmd_serve)
-
-    bench = stages.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)
-    load = bench.add_parser("load", help="Locust load test of served models")
-    load.add_argument("--repo", required=True)
-    load.add_argument("--models", type=name_list, required=True, help="comma-separated names")
-    load.add_argument("--users", type=int, default=16)
-    load.add_argument("--duration", type=float, default=10.0, help="seconds per model")
-    load.add_argument("--rows", type=int, default=1, help="rows per request")
-    load.add_argument("--binary", action="store_true", help="binary tensor extension")
-    load.add_argument("--sweep", action="store_true", help="step the users until saturation")
-    load.add_argument("--repetitions", type=int, default=3, help="sweep repetitions")
-    load.add_argument("--locust-processes", type=int, default=1, help="Locust worker processes")
-    load.add_argument("--out", required=True, help="results folder")
-    load.set_defaults(handler=cmd_bench_load)
-
-    def comparison_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--repo", required=True)
-        command.add_argument("--models", type=name_list, required=True)
-        command.add_argument("--baseline", help="model the others are compared with")
-        command.add_argument("--compressed", type=name_list, help="models marked compressed")
-        command.add_argument("--same-width", type=name_list, help="full tables at MLET's width")
-        command.add_argument("--torch-run", type=named_run, action="append", default=[],
-                             metavar="NAME=RUN", help="also time a run in PyTorch")  # fmt: skip
-        command.add_argument("--repetitions", type=int, default=3)
-        command.add_argument("--duration", type=float, default=8.0, help="seconds per step")
-        command.add_argument("--locust-processes", type=int, default=1)
-        command.add_argument("--quick", action="store_true", help="fewer batch sizes, shorter")
-        command.add_argument("--study", help="a `mlet study` folder for the accuracy plot")
-
-    run = bench.add_parser("run", help="micro-benchmarks, load sweep and report in one run")
-    comparison_options(run)
-    run.add_argument("--out", help="results folder (default results/<UTC time>)")
-    run.set_defaults(handler=cmd_bench_run)
-
-    micro = bench.add_parser("micro", help="in-process latency, throughput and memory")
-    comparison_options(micro)
-    micro.add_argument("--out", required=True)
-    micro.set_defaults(handler=cmd_bench_micro)
-
-    report = bench.add_parser("report", help="report.md and report.html of a results folder")
-    report.add_argument("results", help="folder written by `mlet bench run`")
-    report.set_defaults(handler=cmd_bench_report)
-
-    serve_bench = bench.add_parser("serve", help="batching on/off and server vs in-process")
-    serve_bench.add_argument("--repo", required=True)
-    serve_bench.add_argument("--model", required=True)
-    serve_bench.add_argument("--users", type=int, default=64, help="users sending 1-row requests")
-    serve_bench.add_argument("--rows", type=int, default=256, help="rows per large request")
-    serve_bench.add_argument("--large-users", type=int, default=32)
-    serve_bench.add_argument("--duration", type=float, default=15.0, help="seconds per run")
-    serve_bench.add_argument("--repetitions", type=int, default=3)
-    serve_bench.add_argument("--out", required=True, help="results folder")
-    serve_bench.set_defaults(handler=cmd_bench_serve)
-
-    export_bench = bench.add_parser(
-        "export", help="export a Criteo-Kaggle-sized MLET model: time, memory, session load"
-    )
-    export_bench.add_argument("--out", required=True, help="results folder")
-    export_bench.add_argument("--work", help="where the 8.6 GB checkpoint and models go")
-    export_bench.add_argument("--variants", type=name_list, default=["fp32"])
-    export_bench.add_argument("--keep", action="store_true", help="keep checkpoint and models")
-    export_bench.add_argument("--dim", type=int, default=16, help="D of the collapsed tables")
-    export_bench.add_argument("--hidden", type=int, default=64, help="K of the MLET tables")
-    export_bench.add_argument("--name", default="kaggle", help="model name in WORK/models")
-    export_bench.set_defaults(handler=cmd_bench_export)
-
-    int8_mlp = bench.add_parser("int8-mlp", help="int8 model: float32 vs quantized MLPs")
-    int8_mlp.add_argument("--repo", required=True)
-    int8_mlp.add_argument("--model", required=True, help="an int8 variant, e.g. NAME-int8")
-    int8_mlp.add_argument("--out", required=True, help="results folder")
-    int8_mlp.set_defaults(handler=cmd_bench_int8_mlp)
-
-    add_engine_commands(serve, bench, [load, run, serve_bench])
-
-    demo = stages.add_parser("demo", help="the whole pipeline on the synthetic default")
-    demo.add_argument("--out", default="demo-out")
-    demo.add_argument("--rows", type=int, default=500_000)
-    demo.set_defaults(handler=cmd_demo)
+    for add_stage in (add_data, add_train, add_study, add_export, add_serve, add_bench, add_demo):
+        add_stage(stages)
     return parser
 
 

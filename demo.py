@@ -16,6 +16,8 @@ from export.exporter import ExportConfig, export_variants
 from mlet.data.dataset import DataSchema
 from mlet.data.synthetic import SyntheticConfig, generate
 from mlet.files import read_json
+from mlet.markdown import markdown_table
+from mlet.repository import Manifest
 from train.trainer import TrainConfig, train_run
 
 
@@ -103,34 +105,28 @@ def run_demo(config: DemoConfig) -> Path:
     return report
 
 
-def variants_table(manifests: dict[str, dict]) -> str:
+def variants_table(manifests: dict[str, Manifest]) -> str:
     """Bytes and accuracy of every exported variant against its fp32 export."""
     rows = []
     for name, m in manifests.items():
-        accuracy = m.get("accuracy", {})
-        auc_difference = accuracy.get("auc_difference")
+        auc_difference = m.accuracy.get("auc_difference")
         rows.append(
-            f"| {name} | {m['variant']} | {m['model_bytes']:,} "
-            f"| {m.get('weights', {}).get('table_bytes', 0):,} "
-            f"| {accuracy.get('max_abs_diff', 0.0):.2e} "
-            f"| {'-' if auc_difference is None else f'{auc_difference:+.6f}'} |"
-        )
-    return "\n".join(
-        [
-            "Exported variants, each against its fp32 export on held-out test rows:",
-            "",
-            "| model | variant | bytes | table bytes | max abs diff | AUC difference |",
-            "|---|---|---:|---:|---:|---:|",
-            *rows,
-            "",
-        ]
+            [name, m.variant, f"{m.model_bytes:,}", f"{(m.weights or {}).get('table_bytes', 0):,}",
+             f"{m.accuracy.get('max_abs_diff', 0.0):.2e}",
+             "-" if auc_difference is None else f"{auc_difference:+.6f}"]
+        )  # fmt: skip
+    header = ["model", "variant", "bytes", "table bytes", "max abs diff", "AUC difference"]
+    return (
+        "Exported variants, each against its fp32 export on held-out test rows:\n\n"
+        + markdown_table(header, rows, "llrrrr")
+        + "\n"
     )
 
 
 def demo_report(
     config: DemoConfig,
     runs: dict[str, Path],
-    manifests: dict[str, dict],
+    manifests: dict[str, Manifest],
     summaries: list[dict],
     load: LoadConfig,
 ) -> str:
@@ -141,18 +137,22 @@ def demo_report(
         manifest = manifests[model.name]
         served = load_by_model[model.name]
         rows.append(
-            f"| {model.name} | {model.embedding} | {model.dim} | {model.hidden or '-'} "
-            f"| {metrics['test']['auc']:.4f} | {metrics['test']['logloss']:.4f} "
-            f"| {manifest['model']['embedding_bytes_inference']:,} "
-            f"| {manifest['model_bytes']:,} | {served['p50_ms']:.1f} | {served['p99_ms']:.1f} "
-            f"| {served['requests_per_s']:.1f} | {served['failures']} "
-            f"| {served['server_rss_bytes'] / 2**20:.1f} |"
-        )
+            [model.name, model.embedding, str(model.dim), str(model.hidden or "-"),
+             f"{metrics['test']['auc']:.4f}", f"{metrics['test']['logloss']:.4f}",
+             f"{manifest.embedding_bytes:,}", f"{manifest.model_bytes:,}",
+             f"{served['p50_ms']:.1f}", f"{served['p99_ms']:.1f}",
+             f"{served['requests_per_s']:.1f}", str(served["failures"]),
+             f"{served['server_rss_bytes'] / 2**20:.1f}"]
+        )  # fmt: skip
+    header = ["model", "embedding", "d", "k", "test AUC", "test logloss", "embedding bytes",
+              "ONNX bytes", "p50 ms", "p99 ms", "requests/s", "failures",
+              "server RSS MiB"]  # fmt: skip
     parity = [
-        f"| {name} | {m['parity']['collapse_max_abs_diff']:.2e} "
-        f"| {m['parity']['onnxruntime_max_abs_diff']:.2e} | {m['parity']['rows']} |"
+        [name, f"{m.parity['collapse_max_abs_diff']:.2e}",
+         f"{m.parity['onnxruntime_max_abs_diff']:.2e}", str(m.parity["rows"])]
         for name, m in manifests.items()
-    ]
+    ]  # fmt: skip
+    parity_header = ["model", "collapsed vs trained", "ONNX Runtime vs PyTorch", "rows"]
     return "\n".join(
         [
             "# MLET demo report",
@@ -161,10 +161,7 @@ def demo_report(
             f"{config.seed}. Load: {load.users} users, 1-row JSON requests, "
             f"{load.duration:g} s per model, one server process per model, on this machine.",
             "",
-            "| model | embedding | d | k | test AUC | test logloss | embedding bytes "
-            "| ONNX bytes | p50 ms | p99 ms | requests/s | failures | server RSS MiB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-            *rows,
+            markdown_table(header, rows, "ll" + "r" * 11),
             "",
             *(
                 line
@@ -174,9 +171,7 @@ def demo_report(
             ),
             "Parity on held-out rows (max abs difference of probabilities):",
             "",
-            "| model | collapsed vs trained | ONNX Runtime vs PyTorch | rows |",
-            "|---|---:|---:|---:|",
-            *parity,
+            markdown_table(parity_header, parity, "lrrr"),
             "",
             f"AUC figures come from one seed and a short budget (early stopping on validation "
             f"AUC, at most {config.epochs} epochs): they show the pipeline, not a width study.",
@@ -192,10 +187,10 @@ def comparison(
     a, b = manifests[name], manifests[other]
     auc_a, auc_b = (read_json(runs[m] / "metrics.json")["test"]["auc"] for m in (name, other))
     load_a, load_b = load_by_model[name], load_by_model[other]
-    embedding = a["model"]["embedding_bytes_inference"], b["model"]["embedding_bytes_inference"]
+    embedding = a.embedding_bytes, b.embedding_bytes
     sizes = (
         f"- embedding bytes {embedding[1] / embedding[0]:.2f}x smaller, ONNX file "
-        f"{b['model_bytes'] / a['model_bytes']:.2f}x smaller;"
+        f"{b.model_bytes / a.model_bytes:.2f}x smaller;"
         if embedding[0] != embedding[1]
         else "- the same embedding bytes (the same width);"
     )

@@ -16,6 +16,8 @@ from bench.micro import MicroConfig, Target, run_micro
 from bench.report import build_report
 from bench.sweep import SweepConfig, run_sweep
 from mlet.files import read_json, write_json
+from mlet.repository import require_models
+from mlet.selection import best_per_width
 
 
 @dataclass
@@ -36,9 +38,7 @@ def run_comparison(
 ) -> Path:
     """Measure, store the raw figures, write the report; returns the HTML report's path."""
     repo, out = Path(repo), Path(out)
-    missing = [m for m in models if not (repo / m / "manifest.json").is_file()]
-    if missing:
-        raise FileNotFoundError(f"model(s) {missing} not found in repository {repo}")
+    require_models(repo, models)
     out.mkdir(parents=True, exist_ok=True)
     roles = dict(config.roles)
     if "baseline" not in roles.values():
@@ -48,7 +48,7 @@ def run_comparison(
         "models": models,
         "roles": roles,
         "micro": asdict(config.micro),
-        "sweep": {k: v for k, v in asdict(config.sweep).items() if k != "steps_run"},
+        "sweep": asdict(config.sweep),
         "reference_users": config.sweep.reference_users,
         "torch_runs": [[n, str(p)] for n, p in config.torch_runs],
     }
@@ -77,13 +77,9 @@ def study_lines(study_folder: str | Path, regime: str = "one-pass") -> list[dict
         raise ValueError(f"{study_folder} has no results for regime {regime!r}")
     lines = []
     for method in ("full", "mlet", "svd"):
-        best: dict[int, dict] = {}
-        for g in (g for g in groups if g["method"] == method):
-            if g["dim"] not in best or g["val_auc"] > best[g["dim"]]["val_auc"]:
-                best[g["dim"]] = g
-        if not best:
+        chosen = list(best_per_width(groups, method).values())
+        if not chosen:
             continue
-        chosen = [best[d] for d in sorted(best)]
         lines.append(
             {
                 "label": f"{method} ({regime})",

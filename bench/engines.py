@@ -25,9 +25,9 @@ from types import SimpleNamespace
 import psutil
 
 from bench.environment import environment
-from bench.requests import RequestFactory
-from mlet.files import read_json, write_json
-from mlet.spec import ExportSpec
+from bench.request_bodies import RequestFactory
+from mlet.files import write_json
+from mlet.repository import open_model
 
 ENGINES = ("mlet", "triton")
 
@@ -183,7 +183,7 @@ def run_wrk(url: str, path: str, bodies: list, connections: int, duration: float
     }
 
 
-def run_locust_load(url, model, manifest: Path, rows, binary, config, out: Path) -> dict:
+def run_locust_load(url, model, folder: Path, rows, binary, config, out: Path) -> dict:
     from bench.load import LoadConfig, read_locust_stats, run_locust
 
     load = LoadConfig(
@@ -194,7 +194,7 @@ def run_locust_load(url, model, manifest: Path, rows, binary, config, out: Path)
         locust_processes=config.locust_processes,
     )
     prefix = out / f"locust-{model}-{rows}"
-    run_locust(url, model, manifest, load, prefix)
+    run_locust(url, model, folder, load, prefix)
     return read_locust_stats(prefix)
 
 
@@ -235,7 +235,7 @@ def children_cpu_seconds() -> float:
     return seconds()
 
 
-def measure_load(url, server: ProcessTree, model, manifest, rows, binary, bodies, config, out):
+def measure_load(url, server: ProcessTree, model, folder, rows, binary, bodies, config, out):
     """One load against a running engine, with both sides' CPU and the server's memory."""
     generator = config.chosen_generator()
     server_cpu, client_cpu = sum(server.cpu_times()), children_cpu_seconds()
@@ -244,7 +244,7 @@ def measure_load(url, server: ProcessTree, model, manifest, rows, binary, bodies
         path = f"/v2/models/{model}/infer"
         stats = run_wrk(url, path, bodies, config.connections, config.duration)
     else:
-        stats = run_locust_load(url, model, manifest, rows, binary, config, out)
+        stats = run_locust_load(url, model, folder, rows, binary, config, out)
     elapsed = time.monotonic() - started
     return {
         **stats,
@@ -263,11 +263,7 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
     from bench.load import LoadConfig, warm_up
 
     repo, out = Path(repo), Path(out)
-    manifest_path = repo / model / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"model {model} not found in repository {repo}")
-    manifest = read_json(manifest_path)
-    spec = ExportSpec.from_dict(manifest["spec"])
+    spec = open_model(repo / model).manifest.spec
     factory = RequestFactory(spec, seed=7)
     bodies = {
         load: [factory.body(*load) for _ in range(config.pool)] for load in config.loads
@@ -279,9 +275,9 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
         with running_engine(engine, repo, [model], timeout=120.0) as (url, server):
             rss_loaded = server.memory_info().rss
             for rows, binary in config.loads:
-                warm_up(url, model, manifest, LoadConfig(rows=rows, binary=binary))
+                warm_up(url, model, spec, LoadConfig(rows=rows, binary=binary))
                 figures = measure_load(
-                    url, server, model, manifest_path, rows, binary,
+                    url, server, model, repo / model, rows, binary,
                     bodies[(rows, binary)], config, out,
                 )  # fmt: skip
                 results.append({"engine": name, "server_rss_loaded_bytes": rss_loaded, **figures})

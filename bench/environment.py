@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-PACKAGES = ("onnxruntime", "onnx", "torch", "numpy", "locust", "uvicorn", "starlette")
+PACKAGES = ("onnxruntime", "onnx", "torch", "numpy", "locust", "httptools", "uvloop")
 
 
 def cpu_model() -> str:

@@ -18,7 +18,6 @@ This stage never imports export/: it runs the `mlet` command and reads what it w
 from __future__ import annotations
 
 import json
-import math
 import resource
 import shutil
 import subprocess
@@ -31,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from mlet.files import read_json, staged_directory, write_json
-from mlet.spec import ExportSpec
+from mlet.files import staged_directory, write_json
+from mlet.markdown import markdown_table
+from mlet.repository import open_model
+from mlet.runtime import onnxruntime_session
 from mlet.weights import SafetensorsWriter
 
 # Rows of Criteo Kaggle's 26 categorical features (33,762,577 in all) after DLRM's
@@ -65,38 +66,38 @@ def write_random_mlet_run(
 ) -> Path:
     """A run folder with a freshly initialised MLET DLRM, written tables block by block.
 
-    Initialisation follows MultiLayerEmbedding: W1 uniform in +-sqrt(1/N), W2 normal with
-    std 0.25; the MLPs are PyTorch's default Linear initialisation.
+    Initialisation follows MultiLayerEmbedding (in NumPy, a block of rows at a time); the
+    MLPs are PyTorch's default Linear initialisation.
     """
     import torch
 
     from mlet.data.dataset import DataSchema
-    from mlet.dlrm import build_config, mlp
+    from mlet.dlrm import build_config, build_mlps, table_key
+    from mlet.embeddings import PROJECTION_STD, init_bound
     from mlet.run import CONFIG_FILE, WEIGHTS_FILE
 
     torch.manual_seed(seed)
     config = build_config(KAGGLE_DENSE, list(table_sizes), "mlet", dim, hidden)
-    bottom = mlp([config.num_dense, *config.bottom_mlp, config.dim], final_activation=True)
-    top = mlp([config.dim + config.num_interactions, *config.top_mlp, 1], final_activation=False)
+    bottom, top = build_mlps(config)
     dense = {f"bottom.{k}": v for k, v in bottom.state_dict().items()}
     dense |= {f"top.{k}": v for k, v in top.state_dict().items()}
     layout = {name: (np.float32, tuple(v.shape)) for name, v in dense.items()}
     for index, table in enumerate(config.tables):
-        layout[f"embeddings.tables.{index}.projection.weight"] = (np.float32, (dim, hidden))
-        layout[f"embeddings.tables.{index}.table.weight"] = (np.float32, (table.rows, hidden))
+        layout[table_key(index, "projection")] = (np.float32, (dim, hidden))
+        layout[table_key(index, "table")] = (np.float32, (table.rows, hidden))
     rng = np.random.default_rng(seed)
     with staged_directory(folder) as staging:
         with SafetensorsWriter(staging / WEIGHTS_FILE, layout, {"format": "mlet-run-v1"}) as out:
             for name, value in dense.items():
                 out.write(name, value.numpy())
             for index, table in enumerate(config.tables):
-                projection = rng.normal(0.0, 0.25, size=(dim, hidden)).astype(np.float32)
-                out.write(f"embeddings.tables.{index}.projection.weight", projection)
-                bound = math.sqrt(1.0 / table.rows)
+                projection = rng.normal(0.0, PROJECTION_STD, size=(dim, hidden))
+                out.write(table_key(index, "projection"), projection.astype(np.float32))
+                bound = init_bound(table.rows)
                 for start in range(0, table.rows, 1 << 18):
                     rows = min(table.rows, start + (1 << 18)) - start
                     block = rng.random((rows, hidden), dtype=np.float32)
-                    out.write(f"embeddings.tables.{index}.table.weight", (2 * block - 1) * bound)
+                    out.write(table_key(index, "table"), (2 * block - 1) * bound)
         schema = DataSchema(
             num_dense=KAGGLE_DENSE,
             table_sizes=tuple(table_sizes),
@@ -151,15 +152,11 @@ def measure_child(command: list[str]) -> dict:
 
 def probe_session(model_folder: Path, batch: int, warmup_batches: int) -> dict:
     """Load a model in ONNX Runtime (this process) and report time and resident memory."""
-    import onnxruntime as ort
-
-    manifest = read_json(model_folder / "manifest.json")
-    spec = ExportSpec.from_dict(manifest["spec"])
+    opened = open_model(model_folder)
+    spec = opened.manifest.spec
     baseline = process_memory(psutil.Process().pid)
     started = time.perf_counter()
-    session = ort.InferenceSession(
-        str(model_folder / manifest["model_file"]), providers=["CPUExecutionProvider"]
-    )
+    session = onnxruntime_session(opened.model_path)
     load_seconds = time.perf_counter() - started
     loaded = process_memory(psutil.Process().pid)
     rng = np.random.default_rng(0)
@@ -224,18 +221,18 @@ def run_export_bench(config: ExportBenchConfig, out: Path) -> dict:
             report["peak_rss_over_collapsed"] = export["peak_rss_bytes"] / collapsed
         report["models"] = {}
         for folder in named_models(repo, config.name, config.variants):
-            manifest = read_json(folder / "manifest.json")
+            manifest = open_model(folder).manifest
             probe = subprocess.run(
                 [sys.executable, "-c", PROBE_SCRIPT, str(folder), str(config.batch),
                  str(config.warmup_batches)],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             report["models"][folder.name] = {
-                "variant": manifest["variant"],
-                "model_bytes": manifest["model_bytes"],
-                "external_data": manifest.get("weights", {}).get("external_data"),
-                "row_blocks": manifest.get("weights", {}).get("row_blocks"),
-                "parity": manifest["parity"],
+                "variant": manifest.variant,
+                "model_bytes": manifest.model_bytes,
+                "external_data": (manifest.weights or {}).get("external_data"),
+                "row_blocks": (manifest.weights or {}).get("row_blocks"),
+                "parity": manifest.parity,
                 "session": json.loads(probe.stdout),
             }
     finally:
@@ -284,19 +281,20 @@ def export_markdown(report: dict) -> str:
         f"- sampled peak: anonymous {mib(export['sampled_peak']['anon'])}, file-backed "
         f"{mib(export['sampled_peak']['file'])} (mapped model data counts as resident)",
         "",
-        "| model | variant | bytes | ORT load s | RSS after load | after warm-up (anon + file)"
-        " | batch ms |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    header = ["model", "variant", "bytes", "ORT load s", "RSS after load",
+              "after warm-up (anon + file)", "batch ms"]  # fmt: skip
+    rows = []
     for name, model in report["models"].items():
         session = model["session"]
         warm = session["after_warmup"]
-        lines.append(
-            f"| {name} | {model['variant']} | {model['model_bytes']:,} "
-            f"| {session['load_seconds']:.2f} | {mib(session['after_load']['rss'])} "
-            f"| {mib(warm['rss'])} ({mib(warm['anon'])} + {mib(warm['file'])}) "
-            f"| {session['median_batch_ms']:.1f} |"
-        )
+        rows.append(
+            [name, model["variant"], f"{model['model_bytes']:,}", f"{session['load_seconds']:.2f}",
+             mib(session["after_load"]["rss"]),
+             f"{mib(warm['rss'])} ({mib(warm['anon'])} + {mib(warm['file'])})",
+             f"{session['median_batch_ms']:.1f}"]
+        )  # fmt: skip
+    lines.append(markdown_table(header, rows, "llrrrrr"))
     lines += ["", "Export output:", "", "```", export["output"].strip(), "```", ""]
     return "\n".join(lines)
 
@@ -337,18 +335,15 @@ def run_int8_mlp_bench(
     repo: Path, model: str, out: Path, batches=(1, 64, 1024), iterations: int = 200, rounds: int = 3
 ) -> dict:
     """The int8 model with float32 MLPs against the same with dynamically quantized MLPs."""
-    import onnxruntime as ort
-
-    folder = Path(repo) / model
-    manifest = read_json(folder / "manifest.json")
-    spec = ExportSpec.from_dict(manifest["spec"])
+    opened = open_model(Path(repo) / model)
+    spec = opened.manifest.spec
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / "model.onnx"
-        nodes = quantize_mlps(folder / manifest["model_file"], quantized)
+        nodes = quantize_mlps(opened.model_path, quantized)
         sessions = {
-            "float32 MLPs": ort.InferenceSession(str(folder / manifest["model_file"])),
-            "int8 MLPs (dynamic)": ort.InferenceSession(str(quantized)),
+            "float32 MLPs": onnxruntime_session(opened.model_path),
+            "int8 MLPs (dynamic)": onnxruntime_session(quantized),
         }
         inputs = spec.random_inputs(max(batches), np.random.default_rng(0))
         outputs = {name: s.run(None, inputs)[0] for name, s in sessions.items()}
@@ -376,10 +371,14 @@ def run_int8_mlp_bench(
         f"MatMuls quantized: {len(nodes)}; max abs difference of probabilities on "
         f"{max(batches)} random rows: {report['max_abs_diff']:.2e}",
         "",
-        "| MLPs | " + " | ".join(f"batch {b} ms" for b in batches) + " |",
-        "|---|" + "---:|" * len(batches),
+        markdown_table(
+            ["MLPs", *(f"batch {b} ms" for b in batches)],
+            [
+                [name, *(f"{medians[str(b)]:.3f}" for b in batches)]
+                for name, medians in report["median_ms"].items()
+            ],
+            "l" + "r" * len(batches),
+        ),  # fmt: skip
     ]
-    for name, medians in report["median_ms"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{medians[str(b)]:.3f}" for b in batches) + " |")
     (out / "int8_mlp.md").write_text("\n".join(lines) + "\n")
     return report

@@ -1,25 +1,23 @@
 """In-process timing and memory of one model: the ceiling a server is held to.
 
-A runner is a function from named input arrays to outputs: an ONNX Runtime session on an
-exported model folder, or PyTorch on a training run (the uncompressed model).
+A runner is a function from named input arrays to outputs (mlet.runtime builds them): an
+ONNX Runtime session on an exported model folder, with the server's session options, or
+PyTorch on a training run (the uncompressed model).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import psutil
 
-from bench.requests import RequestFactory
+from bench.request_bodies import RequestFactory
 from bench.stats import percentile
-from mlet.files import read_json
+from mlet.repository import open_model
+from mlet.runtime import Runner, SessionOptions, onnxruntime_runner
 from mlet.spec import ExportSpec
-
-Runner = Callable[[dict[str, np.ndarray]], object]
 
 
 @dataclass(frozen=True)
@@ -31,39 +29,10 @@ class SessionTiming:
     rows_per_s: float
 
 
-def model_spec(model_folder: Path) -> ExportSpec:
-    return ExportSpec.from_dict(read_json(model_folder / "manifest.json")["spec"])
-
-
-def onnxruntime_runner(model_folder: Path, threads: int = 0) -> Runner:
-    import onnxruntime as ort
-
-    manifest = read_json(model_folder / "manifest.json")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        str(model_folder / manifest["model_file"]), options, providers=["CPUExecutionProvider"]
-    )
-    return lambda inputs: session.run(None, inputs)
-
-
-def torch_runner(run_folder: Path, threads: int = 0) -> tuple[Runner, ExportSpec]:
-    import torch
-
-    from mlet.run import load_run
-    from mlet.spec import spec_for
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    run = load_run(run_folder)
-    model = run.load_model()
-
-    def infer(inputs):
-        dense, sparse = (torch.from_numpy(v) for v in inputs.values())
-        with torch.inference_mode():
-            return model.probability(dense, sparse)
-
-    return infer, spec_for(run.model_config)
+def onnxruntime_model(model_folder: Path, options: SessionOptions) -> tuple[Runner, ExportSpec]:
+    """The newest version of an exported model, in a session built as the server builds it."""
+    opened = open_model(model_folder)
+    return onnxruntime_runner(opened.model_path, options), opened.manifest.spec
 
 
 def time_batch(

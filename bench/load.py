@@ -25,9 +25,11 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.engines import Engine, running_engine
-from bench.requests import RequestFactory
-from mlet.files import read_json, write_json
+from bench.request_bodies import RequestFactory
+from mlet.files import write_json
+from mlet.markdown import markdown_table
 from mlet.readiness import wait_until_ready
+from mlet.repository import open_model, require_models
 from mlet.spec import ExportSpec
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -93,11 +95,11 @@ def running_server(repo: Path, models: list[str], *options: str, timeout: float 
                 process.wait()
 
 
-def run_locust(url: str, model: str, manifest: Path, config: LoadConfig, prefix: Path) -> None:
+def run_locust(url: str, model: str, folder: Path, config: LoadConfig, prefix: Path) -> None:
     env = {
         **os.environ,
         "MLET_MODEL": model,
-        "MLET_MANIFEST": str(manifest),
+        "MLET_MODEL_FOLDER": str(folder),
         "MLET_ROWS": str(config.rows),
         "MLET_BINARY": "1" if config.binary else "0",
         "MLET_ZIPF": str(config.zipf_exponent),
@@ -176,13 +178,13 @@ def server_side_means(before: dict[str, float], after: dict[str, float]) -> dict
 
 
 def load_step(
-    url: str, server: psutil.Process, model: str, manifest: Path, config: LoadConfig, prefix: Path
+    url: str, server: psutil.Process, model: str, folder: Path, config: LoadConfig, prefix: Path
 ) -> dict:
     """One Locust run against a running server, with both sides' CPU and the server's view."""
     metrics_before = scrape_server_metrics(url, model)
     server_cpu, client_cpu = sum(server.cpu_times()[:2]), children_cpu_seconds()
     started = time.monotonic()
-    run_locust(url, model, manifest, config, prefix)
+    run_locust(url, model, folder, config, prefix)
     elapsed = time.monotonic() - started
     server_cpu = sum(server.cpu_times()[:2]) - server_cpu
     client_cpu = children_cpu_seconds() - client_cpu
@@ -200,7 +202,7 @@ def load_step(
     }
 
 
-def warm_up(url: str, model: str, manifest: dict, config: LoadConfig) -> None:
+def warm_up(url: str, model: str, spec: ExportSpec, config: LoadConfig) -> None:
     """A few requests like the load's before it is timed.
 
     The first inferences pay one-time costs (allocations, lazy initialisation) that are
@@ -208,7 +210,6 @@ def warm_up(url: str, model: str, manifest: dict, config: LoadConfig) -> None:
     with its reply instead of as a load run with no completed request.
     """
     # another seed than the locustfile's, so that no timed request repeats a warm-up one
-    spec = ExportSpec.from_dict(manifest["spec"])
     factory = RequestFactory(spec, config.zipf_exponent, seed=1)
     for _ in range(WARM_UP_REQUESTS):
         body, headers = factory.body(config.rows, config.binary)
@@ -224,21 +225,20 @@ def warm_up(url: str, model: str, manifest: dict, config: LoadConfig) -> None:
 
 
 def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
-    manifest_path = repo / model / "manifest.json"
-    manifest = read_json(manifest_path)
+    manifest = open_model(repo / model).manifest
     engine = config.engine
     with running_engine(
         engine, repo, [model], *config.server_args, timeout=config.ready_timeout
     ) as (url, server):
         rss_loaded = server.memory_info().rss
-        warm_up(url, model, manifest, config)
-        step = load_step(url, server, model, manifest_path, config, out / f"locust-{model}")
+        warm_up(url, model, manifest.spec, config)
+        step = load_step(url, server, model, repo / model, config, out / f"locust-{model}")
     return {
         "model": model,
         "engine": engine.describe(),
         **step,
-        "model_bytes": manifest["model_bytes"],
-        "embedding_bytes": manifest["model"]["embedding_bytes_inference"],
+        "model_bytes": manifest.model_bytes,
+        "embedding_bytes": manifest.embedding_bytes,
         "server_rss_loaded_bytes": rss_loaded,
     }
 
@@ -248,9 +248,7 @@ def run_load(
 ) -> list[dict]:
     """Load-test each model in turn and write summary.json and summary.md into `out`."""
     repo, out = Path(repo), Path(out)
-    missing = [m for m in models if not (repo / m / "manifest.json").is_file()]
-    if missing:
-        raise FileNotFoundError(f"model(s) {missing} not found in repository {repo}")
+    require_models(repo, models)
     out.mkdir(parents=True, exist_ok=True)
     summaries = [load_test_model(repo, m, config, out) for m in models]
     write_json(out / "summary.json", {"config": asdict(config), "models": summaries})
@@ -264,14 +262,13 @@ def summary_markdown(summaries: list[dict], config: LoadConfig) -> str:
         f"Load: {config.users} users, {config.rows} row(s) per request, "
         f"{'binary' if config.binary else 'JSON'} tensors, {config.duration:g} s per model.",
         "",
-        "| model | requests/s | p50 ms | p95 ms | p99 ms | failures | model bytes "
-        "| server RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for s in summaries:
-        lines.append(
-            f"| {s['model']} | {s['requests_per_s']:.1f} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} "
-            f"| {s['p99_ms']:.1f} | {s['failures']} | {s['model_bytes']:,} "
-            f"| {s['server_rss_bytes'] / 2**20:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["model", "requests/s", "p50 ms", "p95 ms", "p99 ms", "failures", "model bytes",
+              "server RSS MiB"]  # fmt: skip
+    rows = [
+        [s["model"], f"{s['requests_per_s']:.1f}", f"{s['p50_ms']:.1f}", f"{s['p95_ms']:.1f}",
+         f"{s['p99_ms']:.1f}", str(s["failures"]), f"{s['model_bytes']:,}",
+         f"{s['server_rss_bytes'] / 2**20:.1f}"]
+        for s in summaries
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n" + markdown_table(header, rows, "lrrrrrrr") + "\n"

@@ -1,7 +1,7 @@
 """Locust load: each user posts inference requests drawn like the data to one model.
 
 Configured by environment variables (set by `mlet bench load`):
-MLET_MODEL (name), MLET_MANIFEST (its manifest.json), MLET_ROWS (rows per request,
+MLET_MODEL (name), MLET_MODEL_FOLDER (its folder in the repository), MLET_ROWS (rows per request,
 default 1), MLET_BINARY (1 for the binary tensor extension), MLET_ZIPF (id skew).
 """
 
@@ -14,9 +14,8 @@ import gevent
 import orjson
 from locust import FastHttpUser, events, task
 
-from bench.requests import RequestFactory
-from mlet.files import read_json
-from mlet.spec import ExportSpec
+from bench.request_bodies import RequestFactory
+from mlet.repository import open_model
 
 MODEL = os.environ.get("MLET_MODEL", "")
 ROWS = int(os.environ.get("MLET_ROWS", "1"))
@@ -25,10 +24,10 @@ POOL_SIZE = 256  # distinct bodies, drawn once so that the client spends its CPU
 
 
 def _bodies() -> list[tuple[bytes, dict[str, str]]]:
-    manifest = os.environ.get("MLET_MANIFEST")
-    if not MODEL or not manifest:
-        raise RuntimeError("set MLET_MODEL and MLET_MANIFEST (mlet bench load does this)")
-    spec = ExportSpec.from_dict(read_json(manifest)["spec"])
+    folder = os.environ.get("MLET_MODEL_FOLDER")
+    if not MODEL or not folder:
+        raise RuntimeError("set MLET_MODEL and MLET_MODEL_FOLDER (mlet bench load does this)")
+    spec = open_model(folder).manifest.spec
     factory = RequestFactory(spec, float(os.environ.get("MLET_ZIPF", "1.05")))
     return [factory.body(ROWS, BINARY) for _ in range(POOL_SIZE)]
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.stats import median_and_spread
-from mlet.files import read_json
+from mlet.files import write_json
+from mlet.repository import open_model
 
 DEFAULT_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 
@@ -37,28 +38,17 @@ class Target:
     backend: str = "onnxruntime"  # or "pytorch"
 
 
-@dataclass
-class MicroResult:
-    target: Target
-    repetitions: list[dict] = field(default_factory=list)
-
-
 def measure(target: Target, config: MicroConfig) -> dict:
     """One repetition, in this process: load, memory, warm-up, timing per batch size."""
-    from bench.inprocess import (
-        memory_snapshot,
-        model_spec,
-        onnxruntime_runner,
-        time_batch,
-        torch_runner,
-    )
-    from bench.requests import RequestFactory
+    from bench.inprocess import memory_snapshot, onnxruntime_model, time_batch
+    from bench.request_bodies import RequestFactory
+    from mlet.runtime import SessionOptions, torch_runner
 
     before = memory_snapshot()
     if target.backend == "pytorch":
         runner, spec = torch_runner(target.path, config.threads)
     else:
-        runner, spec = onnxruntime_runner(target.path, config.threads), model_spec(target.path)
+        runner, spec = onnxruntime_model(target.path, SessionOptions(config.threads))
     loaded = memory_snapshot(target.path)
     factory = RequestFactory(spec)
     timings = [
@@ -87,7 +77,7 @@ def measure_in_subprocess(target: Target, config: MicroConfig) -> dict:
 def model_bytes(target: Target) -> int:
     if target.backend == "pytorch":
         return (target.path / "model.safetensors").stat().st_size
-    return read_json(target.path / "manifest.json")["model_bytes"]
+    return open_model(target.path).manifest.model_bytes
 
 
 def run_micro(targets: list[Target], config: MicroConfig, progress: bool = True) -> list[dict]:
@@ -99,6 +89,30 @@ def run_micro(targets: list[Target], config: MicroConfig, progress: bool = True)
             if progress:
                 print(f"micro {target.name} #{repetition + 1} done", flush=True)
     return [summarise(t, repetitions[t.name]) for t in targets]
+
+
+def run_micro_command(targets: list[Target], config: MicroConfig, out: Path) -> list[dict]:
+    """`mlet bench micro`: measure, and write environment.json and micro.json into `out`."""
+    from bench.environment import environment
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "environment.json", environment({"micro": str(config)}))
+    results = run_micro(targets, config)
+    write_json(out / "micro.json", results)
+    return results
+
+
+def micro_lines(results: list[dict]) -> list[str]:
+    """One line per model and batch size: median p50, p99 and rows/s."""
+    lines = []
+    for m in results:
+        for t in m["timings"]:
+            p50, p99, rows = (t[k]["median"] for k in ("p50_ms", "p99_ms", "rows_per_s"))
+            lines.append(
+                f"{m['name']:>20} batch {t['batch']:>5}: p50 {p50:.3f} ms, p99 {p99:.3f} ms, "
+                f"{rows:,.0f} rows/s"
+            )
+    return lines
 
 
 def summarise(target: Target, runs: list[dict]) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlet.files import read_json
+from mlet.markdown import markdown_table
 
 MIB = 2**20
 NOISE_NOTE = "Figures are medians over repetitions; '(noisy)' marks a spread above 10%."
@@ -258,12 +259,6 @@ def saturation_rows(results: Results) -> tuple[list[str], list[list[str]]]:
                  limiting_side(step, cores, processes)]
             )  # fmt: skip
     return header, rows
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def html_table(header: list[str], rows: list[list[str]], table_id: str = "") -> str:

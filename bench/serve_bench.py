@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.engines import Engine
-from bench.inprocess import model_spec, onnxruntime_runner, time_batch
+from bench.inprocess import onnxruntime_model, time_batch
 from bench.load import LoadConfig, load_test_model
-from bench.requests import RequestFactory
+from bench.request_bodies import RequestFactory
 from bench.stats import median_and_spread
 from mlet.files import write_json
+from mlet.markdown import markdown_table
+from mlet.runtime import SessionOptions
 
 
 @dataclass
@@ -65,8 +67,9 @@ def run_serve_bench(
             folder.mkdir(exist_ok=True)
             runs[name].append(load_test_model(repo, model, load, folder))
             print(f"{name} #{repetition + 1}: {runs[name][-1]['requests_per_s']:.0f} requests/s")
-        runner = onnxruntime_runner(repo / model)
-        factory = RequestFactory(model_spec(repo / model))
+        # the server's session options: the ceiling is the same session, without HTTP
+        runner, spec = onnxruntime_model(repo / model, SessionOptions())
+        factory = RequestFactory(spec)
         inprocess.append(asdict(time_batch(runner, factory, config.large_rows, 200)))
     summary = summarise(runs, inprocess)
     report = {"model": model, "config": asdict(config), "summary": summary, "runs": runs,
@@ -113,13 +116,26 @@ def cell(figure: dict, digits: int = 0) -> str:
 
 
 def serve_markdown(model: str, config: ServeBenchConfig, s: dict) -> str:
-    on = f"| on | {cell(s['batching_on_requests_per_s'])} | {cell(s['batching_on_p99_ms'], 1)} |"
-    off = (
-        f"| off | {cell(s['batching_off_requests_per_s'])} | {cell(s['batching_off_p99_ms'], 1)} |"
+    batching = markdown_table(
+        ["batching", "requests/s", "p99 ms"],
+        [
+            ["on", cell(s["batching_on_requests_per_s"]), cell(s["batching_on_p99_ms"], 1)],
+            ["off", cell(s["batching_off_requests_per_s"]), cell(s["batching_off_p99_ms"], 1)],
+        ],
+        "lrr",
     )
-    direct = f"ONNX Runtime in-process, batch {config.large_rows}"
-    binary = s["binary_fraction_of_inprocess"]
-    json_fraction = s["json_fraction_of_inprocess"]
+    paths = markdown_table(
+        ["path", "rows/s", "fraction of in-process"],
+        [
+            [f"ONNX Runtime in-process, batch {config.large_rows}",
+             cell(s["inprocess_rows_per_s"]), "1.00"],
+            ["server, binary tensors", cell(s["server_binary_rows_per_s"]),
+             f"{s['binary_fraction_of_inprocess']:.2f}"],
+            ["server, JSON", cell(s["server_json_rows_per_s"]),
+             f"{s['json_fraction_of_inprocess']:.2f}"],
+        ],
+        "lrr",
+    )  # fmt: skip
     return "\n".join(
         [
             f"# Serving benchmark: {model}",
@@ -131,21 +147,14 @@ def serve_markdown(model: str, config: ServeBenchConfig, s: dict) -> str:
             "",
             f"## 1-row JSON requests, {config.small_users} users",
             "",
-            "| batching | requests/s | p99 ms |",
-            "|---|---:|---:|",
-            on,
-            off,
+            batching,
             "",
             f"Batching on / off: {s['batching_speedup']:.2f}x requests/s, p99 "
             f"{s['p99_ratio_on_over_off']:.2f}x.",
             "",
             f"## {config.large_rows}-row requests, {config.large_users} users",
             "",
-            "| path | rows/s | fraction of in-process |",
-            "|---|---:|---:|",
-            f"| {direct} | {cell(s['inprocess_rows_per_s'])} | 1.00 |",
-            f"| server, binary tensors | {cell(s['server_binary_rows_per_s'])} | {binary:.2f} |",
-            f"| server, JSON | {cell(s['server_json_rows_per_s'])} | {json_fraction:.2f} |",
+            paths,
             "",
             f"Failed requests over all runs: {s['failures']}.",
             "",

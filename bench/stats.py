@@ -27,8 +27,3 @@ def median_and_spread(values: Sequence[float]) -> dict:
     middle = statistics.median(values)
     spread = (max(values) - min(values)) / middle if middle else 0.0
     return {"median": middle, "spread": spread, "noisy": spread > NOISY_SPREAD, "values": values}
-
-
-def ratio(numerator: dict, denominator: dict) -> float:
-    """Ratio of two medians."""
-    return numerator["median"] / denominator["median"] if denominator["median"] else float("nan")

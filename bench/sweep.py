@@ -14,7 +14,8 @@ from pathlib import Path
 from bench.engines import Engine, running_engine
 from bench.load import LoadConfig, load_step, warm_up
 from bench.stats import median_and_spread
-from mlet.files import read_json
+from mlet.files import write_json
+from mlet.repository import open_model
 
 STEP_FIGURES = (
     "requests_per_s", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "client_cpu_cores",
@@ -46,7 +47,6 @@ class SweepConfig:
     server_args: tuple[str, ...] = ()
     engine: Engine = field(default_factory=Engine)
     reference_users: int = 16  # the 1-row step whose p99 the headline compares
-    steps_run: dict = field(default_factory=dict)  # "model/kind" -> users stepped through
 
 
 def saturated(previous: dict | None, current: dict, gain: float) -> bool:
@@ -58,19 +58,19 @@ def saturated(previous: dict | None, current: dict, gain: float) -> bool:
     return current["rows_per_s"] < previous["rows_per_s"] * (1 + gain)
 
 
-def sweep_once(repo: Path, model: str, config: SweepConfig, out: Path, first: bool) -> dict:
-    """Every step of every request kind against one server process."""
-    manifest = repo / model / "manifest.json"
-    manifest_data = read_json(manifest)
+def sweep_once(
+    repo: Path, model: str, config: SweepConfig, out: Path, planned: dict | None = None
+) -> dict:
+    """Every step of every request kind against one server process: until saturation, or
+    through the users `planned` per kind (those a first pass stepped through)."""
+    spec = open_model(repo / model).manifest.spec
     curves = {}
     with running_engine(config.engine, repo, [model], *config.server_args) as (url, server):
         rss_loaded = server.memory_info().rss
         for kind in config.kinds:
             steps, previous = [], None
-            key = f"{model}/{kind.name}"
-            planned = kind.users if first else config.steps_run[key]
-            warm_up(url, model, manifest_data, LoadConfig(rows=kind.rows, binary=kind.binary))
-            for users in planned:
+            warm_up(url, model, spec, LoadConfig(rows=kind.rows, binary=kind.binary))
+            for users in kind.users if planned is None else planned[kind.name]:
                 load = LoadConfig(
                     users=users,
                     duration=config.duration,
@@ -79,13 +79,11 @@ def sweep_once(repo: Path, model: str, config: SweepConfig, out: Path, first: bo
                     locust_processes=config.locust_processes,
                 )
                 prefix = out / f"{model}-{kind.rows}rows-{users}users"
-                step = load_step(url, server, model, manifest, load, prefix)
+                step = load_step(url, server, model, repo / model, load, prefix)
                 steps.append(step)
-                if first and saturated(previous, step, config.saturation_gain):
+                if planned is None and saturated(previous, step, config.saturation_gain):
                     break
                 previous = step
-            if first:
-                config.steps_run[key] = [s["users"] for s in steps]
             curves[kind.name] = steps
         rss_after = server.memory_info().rss
     return {"curves": curves, "server_rss_loaded_bytes": rss_loaded, "server_rss_bytes": rss_after}
@@ -103,18 +101,30 @@ def run_sweep(
             folder.mkdir(exist_ok=True)
             # a model's first pass finds where its server saturates; its later passes step
             # through the same users, so the repetitions line up step by step
-            first = repetition == 0
-            runs[model].append(sweep_once(repo, model, config, folder, first))
+            planned = stepped_users(runs[model][0]) if runs[model] else None
+            runs[model].append(sweep_once(repo, model, config, folder, planned))
             print(f"sweep {model} #{repetition + 1} done", flush=True)
     return [summarise(repo, m, runs[m], config) for m in models]
 
 
+def run_sweep_command(repo: str | Path, models: list[str], config: SweepConfig, out: Path) -> Path:
+    """`mlet bench load --sweep`: Locust's files under out/locust, the summaries in sweep.json."""
+    path = out / "sweep.json"
+    write_json(path, run_sweep(repo, models, config, out / "locust"))
+    return path
+
+
+def stepped_users(run: dict) -> dict[str, list[int]]:
+    """The users each request kind of a sweep pass stepped through."""
+    return {kind: [step["users"] for step in steps] for kind, steps in run["curves"].items()}
+
+
 def summarise(repo: Path, model: str, runs: list[dict], config: SweepConfig) -> dict:
-    manifest = read_json(repo / model / "manifest.json")
+    manifest = open_model(repo / model).manifest
     curves = {}
     for kind in config.kinds:
         steps = []
-        for i, users in enumerate(config.steps_run[f"{model}/{kind.name}"]):
+        for i, users in enumerate(stepped_users(runs[0])[kind.name]):
             step = {"users": users}
             for figure in STEP_FIGURES:
                 step[figure] = median_and_spread([r["curves"][kind.name][i][figure] for r in runs])
@@ -124,18 +134,12 @@ def summarise(repo: Path, model: str, runs: list[dict], config: SweepConfig) -> 
     return {
         "model": model,
         "engine": config.engine.describe(),
-        "model_bytes": manifest["model_bytes"],
-        "embedding_bytes": manifest["model"]["embedding_bytes_inference"],
-        "test_auc": exported_auc(manifest),
-        "variant": manifest.get("variant", "fp32"),
+        "model_bytes": manifest.model_bytes,
+        "embedding_bytes": manifest.embedding_bytes,
+        "test_auc": manifest.test_auc,
+        "variant": manifest.variant,
         "server_rss_loaded_bytes": median_and_spread([r["server_rss_loaded_bytes"] for r in runs]),
         "server_rss_bytes": median_and_spread([r["server_rss_bytes"] for r in runs]),
         "curves": curves,
         "kinds": [asdict(k) for k in config.kinds],
     }
-
-
-def exported_auc(manifest: dict) -> float | None:
-    """Test AUC of the exported model itself where the export measured it, else the run's."""
-    measured = manifest.get("accuracy", {}).get("auc")
-    return measured if measured is not None else manifest.get("source_metrics", {}).get("auc")

@@ -33,11 +33,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from export.quantize import check_finite, quantize_rows, to_float16
-from export.sources import ModelWeights, empty_mlps
-from mlet.dlrm import DLRMConfig
+from export.sources import ModelWeights
+from mlet.dlrm import DLRMConfig, build_mlps
 from mlet.spec import ExportSpec
+from mlet.variants import ONNX_VARIANTS
 
-VARIANTS = ("fp32", "fp16", "int8")
 # Weights past this go to model.onnx.data. Protobuf stops at 2 GB, but well below that an
 # inline model already costs: ONNX Runtime parses it into private memory (a 675 MB int8
 # model took 700 MB resident), while an external data file is memory-mapped and shared.
@@ -80,7 +80,7 @@ def table_row_bytes(variant: str, dim: int) -> int:
 def planned_bytes(config: DLRMConfig, variant: str) -> int:
     """Weight bytes of a variant, known before anything is written."""
     tables = sum(t.rows * table_row_bytes(variant, t.dim) for t in config.tables)
-    mlp_params = sum(p.numel() for m in empty_mlps(config) for p in m.parameters())
+    mlp_params = sum(p.numel() for m in build_mlps(config) for p in m.parameters())
     return tables + mlp_params * (2 if variant == "fp16" else 4)
 
 
@@ -378,9 +378,9 @@ def lower_variants(
     table once, one block of rows at a time."""
     options = options or LoweringOptions()
     config = weights.config
-    unknown = sorted(set(targets) - set(VARIANTS))
+    unknown = sorted(set(targets) - set(ONNX_VARIANTS))
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        raise ValueError(f"unknown variants {unknown}; choose from {list(ONNX_VARIANTS)}")
     stores, builders, lowered = {}, {}, {}
     try:
         for variant, path in targets.items():

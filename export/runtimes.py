@@ -1,9 +1,9 @@
-"""Run exported models where they will run: ONNX Runtime per execution provider, TensorRT.
+"""Run exported models where they will run, a batch at a time as a server sends them.
 
 The exporter checks every artifact on each runtime available on the machine: ONNX
 Runtime's CPU provider always, its CUDA provider when onnxruntime-gpu and a CUDA device
-are present, and TensorRT engines when TensorRT is. What is not available is reported
-with the reason, never silently passed over.
+are present, and TensorRT engines when TensorRT is. Sessions come from mlet.runtime, with
+the server's options, so the checked numbers are the served ones.
 """
 
 from __future__ import annotations
@@ -12,12 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-# TF32 would round float32 matmul inputs on Ampere and later GPUs; parity wants float32.
-CUDA_OPTIONS = {"use_tf32": "0"}
+from mlet.runtime import CPU, SessionOptions, onnxruntime_session
 
 Predict = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -33,43 +29,13 @@ def predict_in_batches(predict: Predict, inputs: dict[str, np.ndarray], size: in
     return np.concatenate([predict(chunk) for chunk in batches(inputs, size)])
 
 
-def cuda_provider_reason() -> str | None:
-    """None when ONNX Runtime can use CUDA here, else why not."""
-    if CUDA not in ort.get_available_providers():
-        return "onnxruntime-gpu is not installed (CUDAExecutionProvider is not available)"
-    return None
-
-
-class OnnxRuntimeModel:
-    """An InferenceSession on one provider; raises if that provider did not take the model."""
-
-    def __init__(self, path: Path, provider: str = CPU) -> None:
-        providers = [(CUDA, CUDA_OPTIONS), CPU] if provider == CUDA else [CPU]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: fallback notices would read as failures
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        active = self.session.get_providers()[0]
-        if active != provider:
-            raise RuntimeError(f"ONNX Runtime could not start {provider} (it chose {active})")
-        self.provider = provider
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(None, inputs)[0]
-
-    def close(self) -> None:
-        # Dropping the session unmaps its external data: the next variant's session does not
-        # add to this one's resident pages.
-        del self.session
-
-
 def onnxruntime_probabilities(
     path: Path, inputs: dict[str, np.ndarray], batch: int, provider: str = CPU
 ) -> np.ndarray:
-    model = OnnxRuntimeModel(path, provider)
-    try:
-        return predict_in_batches(model, inputs, batch)
-    finally:
-        model.close()
+    # The session is dropped on return, which unmaps its external data: the next variant's
+    # session does not add to this one's resident pages.
+    session = onnxruntime_session(path, SessionOptions().on(provider))
+    return predict_in_batches(lambda chunk: session.run(None, chunk)[0], inputs, batch)
 
 
 def tensorrt_probabilities(plan: Path, inputs: dict[str, np.ndarray], batch: int) -> np.ndarray:

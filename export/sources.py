@@ -21,14 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlet.dlrm import DLRM, DLRMConfig, mlp
+from mlet.dlrm import DLRM, DLRMConfig, build_mlps, table_key
 from mlet.run import WEIGHTS_FILE, Run
 from mlet.weights import SafetensorsReader
-
-
-def table_key(index: int, part: str) -> str:
-    """State-dict key of a table's W1 (part="table") or W2 (part="projection")."""
-    return f"embeddings.tables.{index}.{part}.weight"
 
 
 def collapse_rows(wide: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -37,13 +32,6 @@ def collapse_rows(wide: np.ndarray, projection: np.ndarray) -> np.ndarray:
     wide: [n, K] float32, projection: [D, K] (nn.Linear's layout) -> [n, D].
     """
     return (wide.astype(np.float64) @ projection.astype(np.float64).T).astype(np.float32)
-
-
-def empty_mlps(config: DLRMConfig) -> tuple[nn.Sequential, nn.Sequential]:
-    """The bottom and top MLPs of `config`, built exactly as DLRM builds them."""
-    bottom = mlp([config.num_dense, *config.bottom_mlp, config.dim], final_activation=True)
-    top = mlp([config.dim + config.num_interactions, *config.top_mlp, 1], final_activation=False)
-    return bottom, top
 
 
 class ModelWeights(ABC):
@@ -67,7 +55,7 @@ class ModelWeights(ABC):
         """Release open files."""
 
     def mlps(self) -> tuple[nn.Sequential, nn.Sequential]:
-        bottom, top = empty_mlps(self.config)
+        bottom, top = build_mlps(self.config)
         state = self.dense_state()
         for prefix, module in (("bottom.", bottom), ("top.", top)):
             part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
@@ -116,7 +104,7 @@ class RunWeights(ModelWeights):
         self._check_layout()
 
     def _check_layout(self) -> None:
-        bottom, top = empty_mlps(self.config)
+        bottom, top = build_mlps(self.config)
         expected = {f"bottom.{k}": tuple(v.shape) for k, v in bottom.state_dict().items()}
         expected |= {f"top.{k}": tuple(v.shape) for k, v in top.state_dict().items()}
         for index, table in enumerate(self.config.tables):

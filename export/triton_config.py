@@ -10,6 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from mlet.spec import ExportSpec, TensorSpec
+from mlet.variants import ONNX_PLATFORM, TENSORRT_PLATFORM
 
 # config.pbtxt `parameters` that let any client learn what valid input is from
 # get_model_config(), on either engine, without file access to manifest.json.
@@ -35,7 +36,7 @@ def _tensor(spec: TensorSpec) -> str:
     )
 
 
-PLATFORMS = {"onnxruntime_onnx": "KIND_CPU", "tensorrt_plan": "KIND_GPU"}
+PLATFORMS = {ONNX_PLATFORM: "KIND_CPU", TENSORRT_PLATFORM: "KIND_GPU"}
 
 
 def _parameters(spec: ExportSpec, dense_transform: str | None) -> str:
@@ -56,7 +57,7 @@ def _parameters(spec: ExportSpec, dense_transform: str | None) -> str:
 def render_config(
     name: str,
     spec: ExportSpec,
-    platform: str = "onnxruntime_onnx",
+    platform: str = ONNX_PLATFORM,
     instances: int = 1,
     kind: str | None = None,
     dense_transform: str | None = None,

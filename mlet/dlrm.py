@@ -107,15 +107,25 @@ def mlp(widths: list[int], final_activation: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def build_mlps(config: DLRMConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    """The bottom MLP (dense features -> D) and the top MLP (interactions -> one logit)."""
+    bottom = mlp([config.num_dense, *config.bottom_mlp, config.dim], final_activation=True)
+    top = mlp([config.dim + config.num_interactions, *config.top_mlp, 1], final_activation=False)
+    return bottom, top
+
+
+def table_key(index: int, part: str) -> str:
+    """State-dict (and checkpoint) key of table `index`'s W1 (part "table", [N, K] or the
+    full table [N, D]) or W2 (part "projection", nn.Linear's [D, K])."""
+    return f"embeddings.tables.{index}.{part}.weight"
+
+
 class DLRM(nn.Module):
     def __init__(self, config: DLRMConfig, sparse: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.bottom = mlp([config.num_dense, *config.bottom_mlp, config.dim], final_activation=True)
+        self.bottom, self.top = build_mlps(config)
         self.embeddings = EmbeddingCollection(list(config.tables), sparse=sparse)
-        self.top = mlp(
-            [config.dim + config.num_interactions, *config.top_mlp, 1], final_activation=False
-        )
         # Strictly lower triangle of the (T+1) x (T+1) dot matrix, flattened, so that the
         # exported graph selects it with one plain Gather.
         rows, cols = torch.tril_indices(len(config.tables) + 1, len(config.tables) + 1, -1)
@@ -149,14 +159,3 @@ class DLRM(nn.Module):
             for target, table in zip(model.embeddings.tables, self.embeddings.tables, strict=True):
                 target.table.weight.copy_(table.collapse())
         return model.eval()
-
-
-class ProbabilityModel(nn.Module):
-    """The exported signature: (dense, sparse) -> probability [B, 1]."""
-
-    def __init__(self, model: DLRM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        return self.model.probability(dense, sparse)

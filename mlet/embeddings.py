@@ -62,6 +62,14 @@ def _pool(vectors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return vectors.sum(dim=1) if ids.dim() == 2 else vectors
 
 
+PROJECTION_STD = 0.25  # the paper's initialisation of W2
+
+
+def init_bound(rows: int) -> float:
+    """Tables start uniform in +-sqrt(1/N), as DLRM initialises them."""
+    return math.sqrt(1.0 / rows)
+
+
 class FullEmbedding(nn.Module):
     """A plain N x D table, initialised as DLRM does: uniform in +-sqrt(1/N).
 
@@ -75,7 +83,7 @@ class FullEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.table = nn.Embedding(config.rows, config.dim, sparse=sparse)
-        bound = math.sqrt(1.0 / config.rows)
+        bound = init_bound(config.rows)
         nn.init.uniform_(self.table.weight, -bound, bound)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -100,14 +108,16 @@ class MultiLayerEmbedding(nn.Module):
 
     deduplicate_rows: bool = True
 
-    def __init__(self, config: TableConfig, sparse: bool = True, projection_std: float = 0.25):
+    def __init__(
+        self, config: TableConfig, sparse: bool = True, projection_std: float = PROJECTION_STD
+    ):
         super().__init__()
         if config.hidden is None:
             raise ValueError(f"table {config.name}: a multi-layer table needs hidden (K)")
         self.config = config
         self.table = nn.Embedding(config.rows, config.hidden, sparse=sparse)
         self.projection = nn.Linear(config.hidden, config.dim, bias=False)
-        bound = math.sqrt(1.0 / config.rows)
+        bound = init_bound(config.rows)
         nn.init.uniform_(self.table.weight, -bound, bound)
         nn.init.normal_(self.projection.weight, std=projection_std)
 

@@ -10,10 +10,12 @@ probability FP32 [B, 1].
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from mlet.variants import VARIANTS
 
 if TYPE_CHECKING:  # the server reads specs without importing torch
     from mlet.dlrm import DLRMConfig
@@ -21,12 +23,6 @@ if TYPE_CHECKING:  # the server reads specs without importing torch
 OPSET = 18
 DEFAULT_MAX_BATCH = 4096
 DEFAULT_PREFERRED_BATCHES = (64, 256, 1024)
-# Largest max abs difference of probabilities between an exported variant and PyTorch on
-# the same inputs. fp32 and int8 are compared with PyTorch running the very weights the
-# graph holds (int8: its dequantized rows), so only float32 rounding separates them; fp16
-# is compared with float32 PyTorch and carries float16 rounding of weights and activations
-# (about 5e-4 on the demo models).
-VARIANT_TOLERANCES = {"fp32": 1e-4, "int8": 1e-4, "fp16": 5e-3}
 # KServe v2 datatype names and the NumPy dtypes they carry.
 DATATYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
 
@@ -59,8 +55,6 @@ class ExportSpec:
     max_queue_delay_us: int = 500
     opset: int = OPSET
     tolerance: float = 1e-4
-    parity_rows: int = 4096
-    extra: dict = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -90,7 +84,9 @@ class ExportSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> ExportSpec:
-        data = dict(data)
+        # earlier versions also wrote parity_rows and extra, which nothing reads
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
         for key in ("inputs", "outputs"):
             data[key] = tuple(
                 TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in data[key]
@@ -105,8 +101,8 @@ def spec_for(
 ) -> ExportSpec:
     if max_batch_size < 1:
         raise ValueError(f"max batch size must be positive, got {max_batch_size}")
-    if variant not in VARIANT_TOLERANCES:
-        raise ValueError(f"variant must be one of {list(VARIANT_TOLERANCES)}, got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
     tables = len(config.tables)
     sparse_shape = (tables,) if config.hotness == 1 else (tables, config.hotness)
     preferred = tuple(b for b in DEFAULT_PREFERRED_BATCHES if b <= max_batch_size)
@@ -120,5 +116,5 @@ def spec_for(
         table_names=tuple(t.name for t in config.tables),
         max_batch_size=max_batch_size,
         preferred_batch_sizes=preferred or (max_batch_size,),
-        tolerance=VARIANT_TOLERANCES[variant],
+        tolerance=VARIANTS[variant].tolerance,
     )

@@ -80,10 +80,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def tensorrt_version() -> str:
-    return _tensorrt().__version__
-
-
 @dataclass(frozen=True)
 class BatchProfile:
     """One optimization profile over the batch dimension: min, a typical opt, max rows."""

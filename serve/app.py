@@ -1,4 +1,4 @@
-"""The HTTP transport: parses requests, calls the data plane, answers. Nothing else.
+"""The routes: a request's method and path to a data-plane call, errors to statuses.
 
 Routes follow the Open Inference Protocol (KServe v2) and Triton's model repository
 extension; errors are `{"error": "..."}` with a status that says whose fault it was, and
@@ -7,19 +7,15 @@ never carry a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
+import re
+from collections.abc import Awaitable, Callable
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from serve.dataplane import DataPlane
+from serve.http import Request, Response
 from serve.protocol import HEADER_LENGTH, InferenceError
 from serve.triton_json import served_model_config
 
@@ -28,33 +24,15 @@ SERVER_NAME = "mlet"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
-
-@dataclass(frozen=True)
-class ServerLimits:
-    max_body_bytes: int = 64 << 20
+Route = Callable[..., Awaitable[Response]]
 
 
 def json_response(data, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(
-        orjson.dumps(data), status_code=status, media_type="application/json", headers=headers
-    )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InferenceError(f"request body of {declared} bytes exceeds the limit of {limit}", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InferenceError(f"request body exceeds the limit of {limit} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return Response(status, orjson.dumps(data), headers=headers or {})
 
 
 def header_length(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
+    value = request.headers.get(HEADER_LENGTH.lower())
     if value is None:
         return None
     if not value.isdigit():
@@ -85,8 +63,41 @@ def model_statistics(plane: DataPlane, name: str) -> dict:
     }
 
 
-def create_app(plane: DataPlane, limits: ServerLimits | None = None) -> Starlette:
-    limits = limits or ServerLimits()
+class Router:
+    """(method, path) -> route coroutine; the path's {names} become keyword arguments."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[re.Pattern, frozenset[str], Route]] = []
+
+    def add(self, template: str, route: Route, methods: tuple[str, ...] = ("GET",)) -> None:
+        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
+        self.routes.append((re.compile(f"^{pattern}$"), frozenset(methods), route))
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self.dispatch(request)
+        except InferenceError as e:
+            return json_response({"error": e.message}, e.status, e.headers)
+        except Exception as e:
+            log.exception("request to %s failed", request.path)
+            return json_response({"error": f"internal error: {type(e).__name__}"}, 500)
+
+    async def dispatch(self, request: Request) -> Response:
+        allowed = False
+        for pattern, methods, route in self.routes:
+            match = pattern.match(request.path)
+            if match is None:
+                continue
+            if request.method in methods:
+                return await route(request, **match.groupdict())
+            allowed = True
+        if allowed:
+            raise InferenceError("Method Not Allowed", 405)
+        raise InferenceError("Not Found", 404)
+
+
+def create_app(plane: DataPlane) -> Router:
+    """The KServe v2 routes over the data plane."""
 
     async def live(request: Request) -> Response:
         return json_response({"live": True})
@@ -100,85 +111,52 @@ def create_app(plane: DataPlane, limits: ServerLimits | None = None) -> Starlett
             {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
         )
 
-    async def model_metadata(request: Request) -> Response:
-        model = plane.model(request.path_params["model"], request.path_params.get("version"))
-        return json_response(model.metadata())
+    async def model_metadata(request: Request, model: str, version: str | None = None):
+        return json_response(plane.model(model, version).metadata())
 
-    async def model_ready(request: Request) -> Response:
-        model = plane.model(request.path_params["model"], request.path_params.get("version"))
-        return json_response({"name": model.name, "ready": True})
+    async def model_ready(request: Request, model: str, version: str | None = None):
+        return json_response({"name": plane.model(model, version).name, "ready": True})
 
-    async def model_config(request: Request) -> Response:
-        model = plane.model(request.path_params["model"], request.path_params.get("version"))
-        return json_response(served_model_config(model))
+    async def model_config(request: Request, model: str, version: str | None = None):
+        return json_response(served_model_config(plane.model(model, version)))
 
-    async def infer(request: Request) -> Response:
-        body = await read_body(request, limits.max_body_bytes)
-        content, headers = await plane.infer(
-            request.path_params["model"],
-            request.path_params.get("version"),
-            body,
-            header_length(request),
-        )
-        return Response(content, headers=headers)
+    async def infer(request: Request, model: str, version: str | None = None) -> Response:
+        content, headers = await plane.infer(model, version, request.body, header_length(request))
+        content_type = headers.pop("content-type", "application/json")
+        return Response(200, content, content_type, headers)
 
     async def repository_index(request: Request) -> Response:
         return json_response(plane.index())
 
-    async def repository_load(request: Request) -> Response:
-        await plane.load(request.path_params["model"])
+    async def repository_load(request: Request, model: str) -> Response:
+        await plane.load(model)
         return json_response({})
 
-    async def repository_unload(request: Request) -> Response:
-        await plane.unload(request.path_params["model"])
+    async def repository_unload(request: Request, model: str) -> Response:
+        await plane.unload(model)
         return json_response({})
 
-    async def statistics(request: Request) -> Response:
-        return json_response(model_statistics(plane, request.path_params["model"]))
+    async def statistics(request: Request, model: str) -> Response:
+        return json_response(model_statistics(plane, model))
 
     async def metrics(request: Request) -> Response:
-        return Response(plane.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(200, plane.metrics.render(), CONTENT_TYPE_LATEST)
 
-    async def inference_error(request: Request, exc: InferenceError) -> Response:
-        return json_response({"error": exc.message}, exc.status, exc.headers)
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return json_response({"error": exc.detail}, exc.status_code)
-
-    async def unexpected_error(request: Request, exc: Exception) -> Response:
-        log.exception("request to %s failed", request.url.path)
-        return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        yield
-        # uvicorn has stopped accepting and finished the open requests; drain the queues.
-        await plane.close()
-
-    routes = [  # infer first: the router tries routes in order
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
-        Route("/v2", server_metadata),
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", ready),
-        Route("/v2/models/{model}", model_metadata),
-        Route("/v2/models/{model}/versions/{version}", model_metadata),
-        Route("/v2/models/{model}/ready", model_ready),
-        Route("/v2/models/{model}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{model}/stats", statistics),
-        Route("/v2/models/{model}/config", model_config),
-        Route("/v2/models/{model}/versions/{version}/config", model_config),
-        Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
-        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
-        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
-        Route("/metrics", metrics),
-    ]
-    return Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers={
-            InferenceError: inference_error,
-            HTTPException: http_error,
-            Exception: unexpected_error,
-        },
-    )
+    router = Router()  # infer first: routes are tried in order
+    router.add("/v2/models/{model}/infer", infer, ("POST",))
+    router.add("/v2/models/{model}/versions/{version}/infer", infer, ("POST",))
+    router.add("/v2", server_metadata)
+    router.add("/v2/health/live", live)
+    router.add("/v2/health/ready", ready)
+    router.add("/v2/models/{model}", model_metadata)
+    router.add("/v2/models/{model}/versions/{version}", model_metadata)
+    router.add("/v2/models/{model}/ready", model_ready)
+    router.add("/v2/models/{model}/versions/{version}/ready", model_ready)
+    router.add("/v2/models/{model}/stats", statistics)
+    router.add("/v2/models/{model}/config", model_config)
+    router.add("/v2/models/{model}/versions/{version}/config", model_config)
+    router.add("/v2/repository/index", repository_index, ("GET", "POST"))
+    router.add("/v2/repository/models/{model}/load", repository_load, ("POST",))
+    router.add("/v2/repository/models/{model}/unload", repository_unload, ("POST",))
+    router.add("/metrics", metrics)
+    return router

@@ -15,15 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlet.files import read_json
+from mlet.repository import CONFIG_FILE, model_folders, open_model
+from mlet.runtime import SessionOptions
 from mlet.spec import ExportSpec
-from serve.backends import (
-    Backend,
-    OnnxRuntimeBackend,
-    SessionOptions,
-    TensorRTBackend,
-    TorchBackend,
-)
+from mlet.variants import ONNX_PLATFORM, TENSORRT_PLATFORM
+from serve.backends import Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from serve.batcher import (
     BatcherClosedError,
     BatchingConfig,
@@ -31,14 +27,12 @@ from serve.batcher import (
     QueueFullError,
     RequestTimeoutError,
 )
-from serve.metrics import ServerMetrics
 from serve.model_config import read_model_config, serving_defaults
 from serve.protocol import InferenceError, decode_request, encode_response
+from serve.server_metrics import ServerMetrics
 from serve.validation import requested_outputs, validate_inputs
 
 log = logging.getLogger("mlet.serve")
-MANIFEST_FILE = "manifest.json"
-MODEL_FILES = ("model.onnx", "model.plan")
 RETRY_AFTER = {"Retry-After": "1"}
 
 
@@ -86,30 +80,9 @@ class ModelHandle:
         self.executor.shutdown(wait=False)
 
 
-def model_versions(folder: Path) -> list[str]:
-    """Numeric version folders that hold a model file, oldest first."""
-    versions = [
-        p.name
-        for p in folder.iterdir()
-        if p.is_dir() and p.name.isdigit() and any((p / f).is_file() for f in MODEL_FILES)
-    ]
-    return sorted(versions, key=int)
-
-
-def model_folders(repo: Path) -> dict[str, Path]:
-    """Every model folder of a repository; hidden folders are exports in progress."""
-    if not repo.is_dir():
-        raise FileNotFoundError(f"model repository {repo} does not exist")
-    return {
-        p.name: p
-        for p in sorted(repo.iterdir())
-        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()
-    }
-
-
 def batching_config(spec: ExportSpec, folder: Path | None, overrides: BatchingOverrides):
     """The model's config.pbtxt settings with the command line's overrides on top."""
-    if folder is not None and (folder / "config.pbtxt").is_file():
+    if folder is not None and (folder / CONFIG_FILE).is_file():
         defaults = serving_defaults(read_model_config(folder))
         enabled, delay_us = defaults.dynamic_batching, defaults.max_queue_delay_us
         preferred, instances = defaults.preferred_batch_sizes, defaults.instances
@@ -157,33 +130,22 @@ class DataPlane:
         folder = self.known_models().get(name)
         if folder is None:
             raise FileNotFoundError(f"no model '{name}' in repository {self.repo}")
-        versions = model_versions(folder)
-        if not versions:
-            raise FileNotFoundError(f"{folder} holds no version folder with a model file")
-        version = versions[-1]  # Triton's default policy: the latest version
-        manifest_path = folder / version / MANIFEST_FILE
-        manifest = read_json(manifest_path if manifest_path.is_file() else folder / MANIFEST_FILE)
-        spec = ExportSpec.from_dict(manifest["spec"])
+        opened = open_model(folder)
+        spec, platform = opened.manifest.spec, opened.manifest.platform
         batching = batching_config(spec, folder, self.config.batching)
-        platform = manifest.get("platform", "onnxruntime_onnx")
-        model_file = folder / version / Path(manifest["model_file"]).name
-        if not model_file.is_file():
-            raise FileNotFoundError(f"{model_file} named by the manifest is missing")
-        if platform == "onnxruntime_onnx":
-            backend = OnnxRuntimeBackend(model_file, self.config.session, batching.instances)
-        elif platform == "tensorrt_plan":
-            backend = TensorRTBackend(model_file)
+        if platform == ONNX_PLATFORM:
+            backend = OnnxRuntimeBackend(opened.model_path, self.config.session, batching.instances)
+        elif platform == TENSORRT_PLATFORM:
+            backend = TensorRTBackend(opened.model_path)
         else:
             raise ValueError(f"model '{name}': platform {platform!r} is not served here")
+        version, model_file = opened.version, opened.model_path
         return self._handle(name, version, platform, spec, backend, batching, model_file)
 
     def _torch_handle(self, name: str, run: Path) -> ModelHandle:
-        from mlet.run import load_run
-        from mlet.spec import spec_for
-
-        spec = spec_for(load_run(run).model_config)
-        batching = batching_config(spec, None, self.config.batching)
         backend = TorchBackend(run, self.config.session.intra_op_threads)
+        spec = backend.spec
+        batching = batching_config(spec, None, self.config.batching)
         return self._handle(name, "1", "pytorch", spec, backend, batching, run)
 
     def _handle(self, name, version, platform, spec, backend, batching, source) -> ModelHandle:

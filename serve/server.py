@@ -1,17 +1,19 @@
-"""Run the inference server: load a model repository and serve it over HTTP with uvicorn."""
+"""Run the inference server: load a model repository and serve it over HTTP (serve.http)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvicorn
+import uvloop
 
-from serve.app import ServerLimits, create_app
+from serve.app import create_app
 from serve.dataplane import DataPlane, PlaneConfig
+from serve.http import HttpLimits, HttpServer
 
 log = logging.getLogger("mlet.serve")
 
@@ -23,35 +25,34 @@ class ServerConfig:
     port: int = 8000
     models: list[str] | None = None  # None: every model of the repository
     plane: PlaneConfig = field(default_factory=PlaneConfig)
-    limits: ServerLimits = field(default_factory=ServerLimits)
+    limits: HttpLimits = field(default_factory=HttpLimits)
     shutdown_grace_s: float = 30.0
-    log_level: str = "warning"
 
 
 def run_server(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM.
 
-    On either signal uvicorn stops accepting connections and lets the open requests finish
-    (for up to shutdown_grace_s); the app's shutdown then drains every model's queue.
+    On either signal the server stops accepting connections and answers the requests in
+    flight (for up to shutdown_grace_s), then every model's queue is drained.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     plane = DataPlane(config.repo, config.plane)
     plane.load_all(config.models)
-    log.info("serving %s on http://%s:%d", ", ".join(plane.models), config.host, config.port)
-    # uvicorn re-raises the signal it stopped on once it has shut down gracefully; with the
-    # default SIGTERM action that kills the process. A finished graceful stop is a success.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     # The loaded models and imports live as long as the server: keep them out of the
     # collector's generations so that collections triggered by requests stay short.
     gc.freeze()
-    uvicorn.run(
-        create_app(plane, config.limits),
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        proxy_headers=False,  # loopback by default; no proxy's forwarded headers to trust
-        timeout_graceful_shutdown=config.shutdown_grace_s,
-    )
+    uvloop.run(serve(plane, config))
+
+
+async def serve(plane: DataPlane, config: ServerConfig) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    server = HttpServer(create_app(plane), config.limits)
+    await server.listen(config.host, config.port)
+    log.info("serving %s on http://%s:%d", ", ".join(plane.models), config.host, config.port)
+    await stop.wait()
+    log.info("stopping: answering the requests in flight")
+    await server.drain(config.shutdown_grace_s)
+    await plane.close()

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlet.readiness import wait_until_ready
-from serve.backends import SessionOptions
+from mlet.runtime import SessionOptions
 from serve.model_config import CONFIG_FILE, read_model_config
 
 log = logging.getLogger("mlet.serve")

@@ -7,8 +7,8 @@ then loads unmodified. It is not Triton's native backend: every batch crosses in
 Python stub process through shared memory. Production images ship the native one.
 
 Like the native backend it runs one ONNX Runtime call per batch Triton's dynamic batcher
-formed, with the session built the project's one way (serve.backends). It imports neither
-torch nor anything outside serve.backends, so it runs in Triton's own Python environment.
+formed, with the session built by the project's one session factory (mlet.runtime). It imports
+neither torch nor the server, so it runs in Triton's own Python environment.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ sys.path[:0] = [p for p in os.environ.get("MLET_TRITON_PYTHONPATH", "").split(":
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from serve.backends import OnnxRuntimeBackend, SessionOptions  # noqa: E402
+from mlet.runtime import SessionOptions, onnxruntime_session  # noqa: E402
 
 BACKEND_NAME = "mlet Python-based onnxruntime backend"
 SESSION_OPTIONS_ENV = "MLET_SESSION_OPTIONS"  # JSON of SessionOptions fields, set by the launcher
@@ -66,7 +66,7 @@ class TritonPythonModel:
         path = folder / (config.get("default_model_filename") or "model.onnx")
         instances = sum(g.get("count", 1) for g in config.get("instance_group", [])) or 1
         options = session_options()
-        self.backend = OnnxRuntimeBackend(path, options, instances)
+        self.session = onnxruntime_session(path, options, instances)
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
         self.table_rows = table_rows(config)
@@ -99,7 +99,9 @@ class TritonPythonModel:
         rows = [arrays[self.input_names[0]][k].shape[0] for k in range(len(good))]
         try:
             merged = {name: np.concatenate(parts) for name, parts in arrays.items()}
-            outputs = self.backend.infer(merged)
+            outputs = dict(
+                zip(self.output_names, self.session.run(self.output_names, merged), strict=True)
+            )
         except Exception as e:  # the batch fails; Triton answers each of its requests
             for i in good:
                 responses[i] = pb_utils.InferenceResponse(
@@ -114,4 +116,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.backend = None
+        self.session = None

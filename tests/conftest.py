@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from export.exporter import ExportConfig, export_run
+from export.exporter import ExportConfig
 from mlet.data.synthetic import SyntheticConfig, generate
+from tests.helpers import export_run
 from train.trainer import TrainConfig, train_run
 
 TINY_TABLES = (50, 7, 120, 3, 30)

@@ -1,6 +1,6 @@
 import pytest
 
-from bench.stats import median_and_spread, percentile, ratio
+from bench.stats import median_and_spread, percentile
 
 
 def test_percentiles_on_known_samples():
@@ -24,7 +24,3 @@ def test_median_spread_and_noise_flag():
     assert noisy["median"] == 105.0
     assert noisy["spread"] == pytest.approx(40 / 105)
     assert noisy["noisy"]
-
-
-def test_ratio_of_medians():
-    assert ratio(median_and_spread([4.0, 6.0, 5.0]), median_and_spread([2.0, 3.0, 2.5])) == 2.0

@@ -6,11 +6,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.exporter import ExportConfig, export_run
-from export.onnx_lowering import FORBIDDEN_OPS, ExportError, check_onnx, lower_to_onnx
+from export.checks import FORBIDDEN_OPS, ExportError, check_onnx
+from export.exporter import ExportConfig
 from mlet.dlrm import DLRM, build_config
 from mlet.run import load_run
 from mlet.spec import spec_for
+from tests.helpers import export_run, lower_to_onnx
 
 
 def test_exported_model_folder_layout_and_manifest(tiny_repo, tiny_runs):
@@ -51,14 +52,16 @@ def test_onnx_graph_uses_plain_gather_and_dynamic_batch(tiny_repo):
     tables = [i for i in model.graph.initializer if i.name.startswith("table.")]
     assert len(tables) == 5 and all(t.dims[1] == 4 for t in tables)  # collapsed to d=4
     session = ort.InferenceSession(str(tiny_repo / "mlet" / "1" / "model.onnx"))
-    spec = spec_for(
-        load_run(
-            json.loads((tiny_repo / "mlet" / "manifest.json").read_text())["source_run"]
-        ).model_config
-    )
+    run = load_run(json.loads((tiny_repo / "mlet" / "manifest.json").read_text())["source_run"])
+    spec = spec_for(run.model_config)
+    trained = run.load_model()  # the uncollapsed multi-layer model, as trained
     for batch in (1, 3, 512):
-        out = session.run(None, spec.random_inputs(batch, np.random.default_rng(batch)))[0]
-        assert out.shape == (batch, 1) and ((out > 0) & (out < 1)).all()
+        inputs = spec.random_inputs(batch, np.random.default_rng(batch))
+        out = session.run(None, inputs)[0]
+        with torch.no_grad():
+            expected = trained.probability(*(torch.from_numpy(v) for v in inputs.values()))
+        assert out.shape == (batch, 1)
+        np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
 
 
 def test_reexport_is_unchanged_and_a_different_model_is_refused(tiny_repo, tiny_runs):
@@ -80,9 +83,9 @@ def test_replace_swaps_a_model(tiny_runs, tmp_path):
 
 
 def test_failed_check_leaves_no_model(tiny_runs, tmp_path, monkeypatch):
-    import export.exporter as exporter
+    import export.checks as checks
 
-    monkeypatch.setattr(exporter, "check_onnx", lambda path, spec: ["graph is wrong"])
+    monkeypatch.setattr(checks, "check_onnx", lambda path, spec: ["graph is wrong"])
     with pytest.raises(ExportError, match="graph is wrong"):
         export_run(tiny_runs["full"], tmp_path, ExportConfig(name="m"))
     assert list(tmp_path.iterdir()) == []

@@ -8,15 +8,16 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import export.exporter as exporter
+import export.checks as checks
 from export.exporter import ExportConfig, ExportError, export_variants
-from export.onnx_lowering import lower_to_onnx
-from export.runtimes import CUDA, OnnxRuntimeModel, cuda_provider_reason, onnxruntime_probabilities
+from export.runtimes import onnxruntime_probabilities
 from export.tensorrt_checks import check_tensorrt_file, tensorrt_problems
 from export.triton_config import render_config
 from mlet import tensorrt as mlet_tensorrt
 from mlet.dlrm import DLRM, build_config
-from mlet.spec import ExportSpec, spec_for
+from mlet.runtime import CUDA, SessionOptions, cuda_provider_reason, onnxruntime_runner
+from mlet.spec import spec_for
+from tests.helpers import lower_to_onnx
 
 TENSORRT_REASON = mlet_tensorrt.unavailable_reason()
 CUDA_REASON = cuda_provider_reason()
@@ -187,7 +188,7 @@ def stand_in_tensorrt(monkeypatch, error: float = 0.0) -> None:
 
     monkeypatch.setattr(mlet_tensorrt, "unavailable_reason", lambda: None)
     monkeypatch.setattr(mlet_tensorrt, "build_engine", build_engine)
-    monkeypatch.setattr(exporter, "tensorrt_probabilities", run_engine)
+    monkeypatch.setattr(checks, "tensorrt_probabilities", run_engine)
 
 
 def test_engine_variants_are_compared_and_installed(tiny_runs, tmp_path, monkeypatch):
@@ -199,7 +200,7 @@ def test_engine_variants_are_compared_and_installed(tiny_runs, tmp_path, monkeyp
     for result, source, tolerance in zip(
         report.results[1:], ["m", "m-fp16"], [1e-4, 5e-3], strict=True
     ):
-        manifest = result.manifest
+        manifest = result.manifest.to_dict()
         assert manifest["platform"] == "tensorrt_plan" and manifest["model_file"] == "1/model.plan"
         assert (result.path / "1" / "model.plan").is_file()
         assert manifest["engine"]["source_model"] == source
@@ -229,9 +230,9 @@ def test_engines_are_built_run_and_compared(tiny_runs, tmp_path):
     )
     report = export_variants(tiny_runs["mlet"], tmp_path, config)
     assert report.skipped == {}
-    engines = {r.manifest["variant"]: r for r in report.results if r.name.endswith(("trt", "fp16"))}
+    engines = {r.manifest.variant: r for r in report.results if r.name.endswith(("trt", "fp16"))}
     for variant in ("trt", "trt-fp16"):
-        manifest = engines[variant].manifest
+        manifest = engines[variant].manifest.to_dict()
         assert manifest["platform"] == "tensorrt_plan"
         assert (engines[variant].path / "1" / "model.plan").is_file()
         assert manifest["engine"]["profile"] == {"min": 1, "opt": 256, "max": 512}
@@ -243,9 +244,9 @@ def test_engines_are_built_run_and_compared(tiny_runs, tmp_path):
 @pytest.mark.skipif(CUDA_REASON is not None, reason=f"no CUDA for ONNX Runtime: {CUDA_REASON}")
 def test_cuda_execution_provider_parity(tiny_runs, tmp_path):
     report = export_variants(tiny_runs["full"], tmp_path, ExportConfig(name="m"))
-    parity = report.results[0].manifest["parity"]
+    parity = report.results[0].manifest.parity
     assert parity["onnxruntime_providers"] == ["CPUExecutionProvider", CUDA]
     assert parity["providers"][CUDA] <= parity["tolerance"]
-    session = OnnxRuntimeModel(tmp_path / "m" / "1" / "model.onnx", CUDA)
-    spec = ExportSpec.from_dict(report.results[0].manifest["spec"])
+    session = onnxruntime_runner(tmp_path / "m" / "1" / "model.onnx", SessionOptions().on(CUDA))
+    spec = report.results[0].manifest.spec
     assert session(spec.random_inputs(5, np.random.default_rng(0))).shape == (5, 1)

@@ -8,12 +8,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import export.exporter as exporter
-from export.exporter import ExportConfig, ExportError, dequantized_copy, export_variants
+import export.checks as checks
+from export.checks import check_onnx
+from export.exporter import ExportConfig, ExportError, export_variants
 from export.graph import LoweringOptions
-from export.onnx_lowering import check_onnx, lower_to_onnx
+from export.references import dequantized_copy
 from mlet.dlrm import DLRM, build_config
 from mlet.spec import ExportSpec, spec_for
+from tests.helpers import lower_to_onnx
 
 
 def random_model(hotness: int = 1, embedding: str = "mlet") -> DLRM:
@@ -156,7 +158,7 @@ def test_an_interrupted_export_leaves_nothing_half_written(tiny_runs, tmp_path, 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(exporter, "check_accuracy", interrupt)
+    monkeypatch.setattr(checks, "accuracy_problems", interrupt)
     with pytest.raises(KeyboardInterrupt):
         export_variants(tiny_runs["mlet"], tmp_path, ExportConfig(name="n", variants=("int8",)))
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no staging folder left
@@ -165,16 +167,16 @@ def test_an_interrupted_export_leaves_nothing_half_written(tiny_runs, tmp_path, 
 def test_external_data_export_through_the_repository(tiny_runs, tmp_path):
     config = ExportConfig(name="big", external_data_bytes=0, max_tensor_elements=4 * 40)
     (result,) = export_variants(tiny_runs["mlet"], tmp_path, config).results
-    files = result.manifest["files"]
+    files = result.manifest.files
     assert set(files) == {"1/model.onnx", "1/model.onnx.data", "config.pbtxt"}
-    assert result.manifest["weights"]["row_blocks"] == {"C1": 2, "C3": 4}
+    assert result.manifest.weights["row_blocks"] == {"C1": 2, "C3": 4}
     assert (
-        result.manifest["model_bytes"]
+        result.manifest.model_bytes
         == files["1/model.onnx"]["bytes"] + files["1/model.onnx.data"]["bytes"]
     )
-    assert result.manifest["parity"]["onnxruntime_max_abs_diff"] < 1e-5
+    assert result.manifest.parity["onnxruntime_max_abs_diff"] < 1e-5
     session = ort.InferenceSession(str(result.path / "1" / "model.onnx"))
-    spec = ExportSpec.from_dict(result.manifest["spec"])
+    spec = result.manifest.spec
     assert session.run(None, spec.random_inputs(3, np.random.default_rng(0)))[0].shape == (3, 1)
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from bench.load import LoadConfig, run_load, running_server, warm_up
 from bench.serve_bench import ServeBenchConfig, run_serve_bench
-from mlet.files import read_json
+from mlet.repository import open_model
 
 
 def test_five_second_headless_locust_run_has_no_failures(tiny_repo, tmp_path):
@@ -13,7 +13,8 @@ def test_five_second_headless_locust_run_has_no_failures(tiny_repo, tmp_path):
     (summary,) = summaries
     assert summary["model"] == "mlet"
     assert summary["requests"] > 0 and summary["failures"] == 0
-    assert summary["p50_ms"] <= summary["p99_ms"]
+    # the server's own metrics saw the load: batches ran, each of at least one row
+    assert summary["server_batch_rows"] >= 1 and summary["server_compute_ms"] > 0
     assert summary["server_rss_bytes"] > 0
     stored = json.loads((tmp_path / "summary.json").read_text())
     assert stored["models"][0]["requests"] == summary["requests"]
@@ -25,7 +26,8 @@ def test_binary_multi_row_load_has_no_failures(tiny_repo, tmp_path):
         tiny_repo, ["full"], LoadConfig(users=2, duration=2, rows=64, binary=True), tmp_path
     )
     assert summary["requests"] > 0 and summary["failures"] == 0
-    assert summary["rows_per_s"] == summary["requests_per_s"] * 64
+    # every request reached the server whole: no batch held fewer than one request's rows
+    assert summary["server_batch_rows"] >= 64
 
 
 def test_serve_bench_runs_every_comparison(tiny_repo, tmp_path):
@@ -42,8 +44,8 @@ def test_serve_bench_runs_every_comparison(tiny_repo, tmp_path):
 
 
 def test_warm_up_names_the_server_reply_when_a_request_fails(tiny_repo):
-    manifest = read_json(tiny_repo / "mlet" / "manifest.json")
+    spec = open_model(tiny_repo / "mlet").manifest.spec
     with running_server(tiny_repo, ["mlet"]) as (url, _):
-        warm_up(url, "mlet", manifest, LoadConfig(rows=3, binary=True))
+        warm_up(url, "mlet", spec, LoadConfig(rows=3, binary=True))
         with pytest.raises(RuntimeError, match="warm-up request to full failed: HTTP 404"):
-            warm_up(url, "full", manifest, LoadConfig())  # a model this server does not load
+            warm_up(url, "full", spec, LoadConfig())  # a model this server does not load

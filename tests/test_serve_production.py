@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from bench.load import running_server
-from bench.requests import encode_inputs
+from bench.request_bodies import encode_inputs
 from mlet.spec import ExportSpec
 
 
@@ -83,7 +83,9 @@ def test_concurrent_requests_are_merged_into_one_execution(tiny_repo):
 
 
 def test_batching_off_runs_every_request_alone(tiny_repo):
-    with running_server(tiny_repo, ["full"], "--batching", "off") as (url, _):
+    # a long queue delay would merge these concurrent requests if batching were on
+    flags = ("--batching", "off", "--max-queue-delay-us", "300000")
+    with running_server(tiny_repo, ["full"], *flags) as (url, _):
         with ThreadPoolExecutor(4) as pool:
             codes = list(pool.map(lambda i: infer(url, tiny_repo, "full", seed=i)[0], range(8)))
         assert codes == [200] * 8

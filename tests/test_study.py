@@ -4,7 +4,10 @@ import os
 import numpy as np
 import pytest
 
-from mlet.analysis import (
+from study import grid as study_module
+from study.findings import summarise, verdict, write_report
+from study.grid import Cell, StudyConfig, load_cells, run_study, svd_cells, tuned_seed_cells
+from study.table_analysis import (
     bucket_auc,
     effective_rank,
     frequency_buckets,
@@ -12,9 +15,6 @@ from mlet.analysis import (
     singular_values,
     truncate_rank,
 )
-from train import study as study_module
-from train.analysis import summarise, verdict, write_report
-from train.study import Cell, StudyConfig, load_cells, run_study, svd_cells, tuned_seed_cells
 
 
 def tiny_study_config(**overrides) -> StudyConfig:
@@ -277,7 +277,7 @@ def test_bad_study_configs_are_refused():
 
 def test_cli_study_options_become_the_study_config():
     from cli import build_parser
-    from train.study_command import StudyCommand
+    from study.command import StudyCommand
 
     args = build_parser().parse_args(
         ["study", "--data", "data/x", "--quick", "--mlet-hidden", "16,64", "--seeds", "0,1,2"]
@@ -293,7 +293,7 @@ def test_cli_study_options_become_the_study_config():
 
 def test_overhead_measures_every_variant_against_the_matching_full_table(tiny_data):
     from mlet.data.dataset import load_dataset
-    from train.overhead import OverheadConfig, measure_overhead, overhead_table
+    from study.overhead import OverheadConfig, measure_overhead, overhead_table
 
     config = OverheadConfig(
         dim=2, hidden=(4,), equal_accuracy_dim=8, batch_size=16, steps=2, rounds=1, warmup_steps=1
@@ -327,7 +327,7 @@ def test_overhead_measures_every_variant_against_the_matching_full_table(tiny_da
 
 
 def test_overhead_stage_times_the_widths_given(tiny_data, tmp_path, monkeypatch):
-    import train.study_command as study_command
+    import study.command as study_command
     from cli import build_parser
 
     seen = {}

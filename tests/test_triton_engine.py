@@ -17,9 +17,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from bench.load import free_port, running_server, wait_until_ready
-from export.exporter import ExportConfig, export_run
+from export.exporter import ExportConfig, export_variants
 from export.triton_config import TABLE_ROWS_PARAMETER, check_triton_config
-from mlet.files import read_json
+from mlet.repository import open_model
 from mlet.spec import ExportSpec
 from serve.triton_engine import TritonConfig, running_triton, unavailable_reason
 
@@ -40,7 +40,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def variants_repo(tiny_runs, tmp_path_factory):
     repo = tmp_path_factory.mktemp("triton-models")
-    export_run(tiny_runs["mlet"], repo, ExportConfig(name="tiny", variants=VARIANTS))
+    export_variants(tiny_runs["mlet"], repo, ExportConfig(name="tiny", variants=VARIANTS))
     return repo
 
 
@@ -60,7 +60,7 @@ def client(triton):
 
 
 def spec_of(repo: Path, name: str) -> ExportSpec:
-    return ExportSpec.from_dict(read_json(repo / name / "manifest.json")["spec"])
+    return open_model(repo / name).manifest.spec
 
 
 def infer(client, model: str, inputs: dict, binary: bool) -> np.ndarray:

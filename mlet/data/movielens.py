@@ -59,7 +59,6 @@ TABLES = ("user", "item", "age_bucket", "gender", "occupation", "zip_prefix", "g
 DENSE = ("age", "release_year")
 CLICK_RATING = 4
 SPLITS = ("user-recent", "time")
-HELD_OUT_FRACTION = 0.2  # validation + test under the trainer's default 0.1 + 0.1
 
 
 class MovieLensFormatError(ValueError):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mlet.data.dataset import Dataset, split_rows
+from mlet.markdown import markdown_table
 from train.sparse_adagrad import table_and_dense_parameters
 from train.trainer import Batches, TrainConfig, build_model, make_optimizer, resolve_device
 
@@ -200,15 +201,15 @@ def overhead_table(result: dict) -> str:
         f"{result['config']['rounds']} rounds of {result['config']['steps']} steps. "
         + variants_note(result),
         "",
-        "| variant | forward ms | backward ms | optimizer ms | step ms | vs full same d | "
-        f"vs full d={equal or '-'} |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    header = ["variant", "forward ms", "backward ms", "optimizer ms", "step ms",
+              "vs full same d", f"vs full d={equal or '-'}"]  # fmt: skip
+    rows = []
     for r in result["rows"]:
         vs_equal = f"{r['vs_full_equal_accuracy']:.2f}x" if r["vs_full_equal_accuracy"] else "-"
-        lines.append(
-            f"| {r['label']} | {r['forward_ms']:.2f} | {r['backward_ms']:.2f} | "
-            f"{r['step_ms']:.2f} | {r['total_ms']:.2f} | {r['vs_full_same_dim']:.2f}x | "
-            f"{vs_equal} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append(
+            [r["label"], f"{r['forward_ms']:.2f}", f"{r['backward_ms']:.2f}",
+             f"{r['step_ms']:.2f}", f"{r['total_ms']:.2f}", f"{r['vs_full_same_dim']:.2f}x",
+             vs_equal]
+        )  # fmt: skip
+    return "\n".join(lines) + "\n" + markdown_table(header, rows, "lrrrrrr") + "\n"

@@ -30,14 +30,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mlet.analysis import bucket_auc, frequency_buckets, table_spectra
 from mlet.data.dataset import Dataset, load_dataset, split_rows
 from mlet.files import read_json, write_json
+from study.table_analysis import bucket_auc, frequency_buckets, table_spectra
 from train.trainer import TrainConfig, train_model
 
 REGIMES = ("one-pass", "tuned")
 TRAINED_METHODS = ("full", "mlet", "full-normal")
-ALL_METHODS = (*TRAINED_METHODS, "svd")
 BYTES_PER_VALUE = 4  # float32 tables at inference
 
 # Settings that change what a cell's number means: a study folder refuses to mix them.
@@ -355,7 +354,7 @@ def svd_cells(config: StudyConfig, regime: str, out: Path) -> list[Cell]:
 
 def run_svd_cells(data: str | Path, config: StudyConfig, regime: str, out: Path) -> int:
     """Truncate the widest full model's tables to each SVD width and evaluate (no training)."""
-    from train.svd_baseline import evaluate_truncated
+    from study.svd_baseline import evaluate_truncated
 
     todo = [c for c in svd_cells(config, regime, out) if not c.path(out).is_file()]
     if not todo:

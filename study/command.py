@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlet.files import write_json
-from train.analysis import overhead_widths, write_report
-from train.overhead import OverheadConfig, measure_overhead, overhead_table
-from train.study import StudyConfig, load_cells, open_study_data, quick_config, run_study
+from study.findings import overhead_widths, write_report
+from study.grid import StudyConfig, load_cells, open_study_data, quick_config, run_study
+from study.overhead import OverheadConfig, measure_overhead, overhead_table
 
 STAGES = ("all", "grid", "overhead", "report")
 

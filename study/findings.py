@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlet.analysis import FREQUENCY_BUCKETS
 from mlet.files import read_json, write_json
-from train.study import REGIMES, load_cells
+from mlet.markdown import markdown_table
+from mlet.selection import best_per_width
+from study.grid import REGIMES, load_cells
+from study.table_analysis import FREQUENCY_BUCKETS
 
 TOLERANCE_FLOOR = 0.001
 MLET_COLOURS = defaultdict(
@@ -103,13 +105,7 @@ def summarise(records: list[dict]) -> list[dict]:
 
 def best_mlet_per_dim(groups: list[dict]) -> dict[int, dict]:
     """For each MLET width, the k with the best mean validation AUC."""
-    best: dict[int, dict] = {}
-    for g in groups:
-        if g["method"] == "mlet" and (
-            g["dim"] not in best or g["val_auc"] > best[g["dim"]]["val_auc"]
-        ):
-            best[g["dim"]] = g
-    return dict(sorted(best.items()))
+    return best_per_width(groups, "mlet")
 
 
 def verdict(groups: list[dict], largest_table: int = 0) -> dict | None:
@@ -169,21 +165,20 @@ def equivalent_full(g: dict, full: list[dict]) -> dict:
 def equivalents_table(v: dict | None) -> str:
     if not v:
         return ""
-    lines = [
-        "| method | d | k | test AUC | widest full width it matches | full AUC | width ratio |",
-        "|---|---:|---:|---|---:|---:|---:|",
-    ]
+    header = ["method", "d", "k", "test AUC", "widest full width it matches", "full AUC",
+              "width ratio"]  # fmt: skip
+    rows = []
     for e in v["equivalents"]:
         full = (
-            f"{e['full_dim']} | {e['full_test_auc']:.4f} | {e['width_ratio']:g}x"
+            [str(e["full_dim"]), f"{e['full_test_auc']:.4f}", f"{e['width_ratio']:g}x"]
             if e["full_dim"]
-            else "none | - | -"
+            else ["none", "-", "-"]
         )
-        lines.append(
-            f"| {e['method']} | {e['dim']} | {e['hidden'] or '-'} | "
-            f"{e['test_auc']:.4f} ± {e['test_auc_std']:.4f} | {full} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append(
+            [e["method"], str(e["dim"]), str(e["hidden"] or "-"),
+             f"{e['test_auc']:.4f} ± {e['test_auc_std']:.4f}", *full]
+        )  # fmt: skip
+    return markdown_table(header, rows, "lrrlrrr") + "\n"
 
 
 def _brief(g: dict) -> dict:
@@ -235,17 +230,15 @@ def describe_verdict(regime: str, v: dict | None) -> str:
 
 
 def results_table(groups: list[dict]) -> str:
-    lines = [
-        "| method | d | k | lr | best epoch per seed | test AUC (mean ± std) | emb. bytes |",
-        "|---|---:|---:|---:|---|---|---:|",
-    ]
-    for g in groups:
-        lines.append(
-            f"| {g['method']} | {g['dim']} | {g['hidden'] or '-'} | {g['lr']:g} | "
-            f"{','.join(str(e) for e in g['best_epochs'])} | "
-            f"{g['test_auc']:.4f} ± {g['test_auc_std']:.4f} | {g['embedding_bytes']:,} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["method", "d", "k", "lr", "best epoch per seed", "test AUC (mean ± std)",
+              "emb. bytes"]  # fmt: skip
+    rows = [
+        [g["method"], str(g["dim"]), str(g["hidden"] or "-"), f"{g['lr']:g}",
+         ",".join(str(e) for e in g["best_epochs"]),
+         f"{g['test_auc']:.4f} ± {g['test_auc_std']:.4f}", f"{g['embedding_bytes']:,}"]
+        for g in groups
+    ]  # fmt: skip
+    return markdown_table(header, rows, "lrrrllr") + "\n"
 
 
 def bucket_table(groups: list[dict], v: dict | None) -> str:
@@ -260,29 +253,27 @@ def bucket_table(groups: list[dict], v: dict | None) -> str:
         picked += [index.get(("full", d)), m, index.get(("svd", d))]
     rows = [g for g in picked if g]
     first = rows[0]["bucket_auc"]
-    header = " | ".join(f"{b} ({first[b]['rows']:,} rows)" for b in FREQUENCY_BUCKETS)
-    lines = [f"| method | d | k | {header} |", "|---|---:|---:|---|---|---|"]
+    buckets = [f"{b} ({first[b]['rows']:,} rows)" for b in FREQUENCY_BUCKETS]
+    cells = []
     for g in rows:
-        cells = []
+        row = [g["method"], str(g["dim"]), str(g["hidden"] or "-")]
         for b in FREQUENCY_BUCKETS:
             mean, std = g["bucket_auc"][b]["mean"], g["bucket_auc"][b]["std"]
-            cells.append(f"{mean:.4f} ± {std:.4f}" if mean is not None else "-")
-        lines.append(f"| {g['method']} | {g['dim']} | {g['hidden'] or '-'} | {' | '.join(cells)} |")
-    return "\n".join(lines) + "\n"
+            row.append(f"{mean:.4f} ± {std:.4f}" if mean is not None else "-")
+        cells.append(row)
+    return markdown_table(["method", "d", "k", *buckets], cells, "lrrlll") + "\n"
 
 
 def rank_table(groups: list[dict], table: int) -> str:
     mlet = best_mlet_per_dim(groups)
     full = {g["dim"]: g for g in groups if g["method"] == "full"}
-    lines = [
-        "| d | full: effective rank | MLET (k): effective rank |",
-        "|---:|---:|---|",
-    ]
+    rows = []
     for d, m in mlet.items():
         f = full.get(d)
         f_rank = f"{f['effective_rank'][table]:.2f}" if f else "-"
-        lines.append(f"| {d} | {f_rank} | {m['effective_rank'][table]:.2f} (k={m['hidden']}) |")
-    return "\n".join(lines) + "\n"
+        rows.append([str(d), f_rank, f"{m['effective_rank'][table]:.2f} (k={m['hidden']})"])
+    header = ["d", "full: effective rank", "MLET (k): effective rank"]
+    return markdown_table(header, rows, "rrl") + "\n"
 
 
 def plot_accuracy(groups: list[dict], regime: str, title: str, path: Path) -> None:
@@ -449,7 +440,7 @@ def write_report(out: str | Path, title: str | None = None) -> Path:
     plot_ranks(summary, table, table_name, title, out / "rank.png")
     sections.append("\n## Spectra\n\n![spectra and effective rank](rank.png)\n")
     if (out / "overhead.json").is_file():
-        from train.overhead import overhead_table
+        from study.overhead import overhead_table
 
         sections += ["\n## Training overhead\n\n", overhead_table(read_json(out / "overhead.json"))]
     write_json(out / "summary.json", {"groups": summary, "verdicts": verdicts})

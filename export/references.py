@@ -1,0 +1,101 @@
+"""What every exported variant is compared with: held-out rows and PyTorch's answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.quantize import dequantize_rows, quantize_rows
+from export.sources import RunWeights
+from mlet.data.dataset import Split, load_dataset, split_rows
+from mlet.dlrm import DLRM
+from mlet.run import Run
+from mlet.spec import ExportSpec
+
+
+@dataclass
+class HeldOut:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str
+
+    def head(self, rows: int) -> dict[str, np.ndarray]:
+        return {name: value[:rows] for name, value in self.inputs.items()}
+
+
+def recorded_split(run: Run, rows: int) -> Split:
+    """The split the run trained on: its recorded row counts, else its recorded fractions."""
+    counts = run.metrics.get("split_rows")
+    if counts and sum(counts.values()) == rows:
+        train, val = counts["train"], counts["val"]
+        return Split(range(0, train), range(train, train + val), range(train + val, rows))
+    train = run.config.get("train", {})
+    return split_rows(rows, train.get("val_fraction", 0.1), train.get("test_fraction", 0.1))
+
+
+def held_out(run: Run, spec: ExportSpec, rows: int) -> HeldOut:
+    """Test-split rows and labels of the run's dataset when it is still on disk, else random
+    valid rows without labels."""
+    data = Path(run.config.get("data", ""))
+    if (data / "schema.json").is_file():
+        dataset = load_dataset(data)
+        test = recorded_split(run, len(dataset)).test
+        index = slice(test.start, min(test.stop, test.start + rows))
+        dense_name, sparse_name = spec.input_names
+        inputs = {
+            dense_name: np.array(dataset.dense[index], dtype=np.float32),
+            sparse_name: np.array(dataset.sparse[index], dtype=np.int64),
+        }
+        return HeldOut(inputs, np.array(dataset.labels[index]), f"test split of {data}")
+    inputs = spec.random_inputs(rows, np.random.default_rng(0))
+    return HeldOut(inputs, None, "random valid inputs (data not found)")
+
+
+@torch.no_grad()
+def torch_probabilities(model: DLRM, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    dense, sparse = (torch.from_numpy(v) for v in inputs.values())
+    return model.eval().probability(dense, sparse).numpy()
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+@torch.no_grad()
+def dequantized_copy(collapsed: DLRM) -> DLRM:
+    """The collapsed model with every table replaced by its int8 round trip."""
+    model = DLRM(collapsed.config, sparse=False)
+    model.load_state_dict(collapsed.state_dict())
+    for table in model.embeddings.tables:
+        rows = table.table.weight.numpy()
+        table.table.weight.copy_(torch.from_numpy(dequantize_rows(*quantize_rows(rows))))
+    return model.eval()
+
+
+@dataclass
+class References:
+    """PyTorch's answers on the parity rows: the trained model and what each variant holds."""
+
+    trained: np.ndarray
+    collapsed: np.ndarray
+    dequantized: np.ndarray
+
+    def for_variant(self, variant: str) -> tuple[np.ndarray, str]:
+        if variant == "int8":
+            return self.dequantized, "PyTorch, collapsed model with the int8 round trip of its rows"
+        return self.collapsed, "PyTorch, collapsed model (float32)"
+
+
+def pytorch_references(weights: RunWeights, inputs: dict[str, np.ndarray]) -> References:
+    dense_name, sparse_name = list(inputs)
+    model, remapped = weights.reference_model(inputs[sparse_name])
+    local = {dense_name: inputs[dense_name], sparse_name: remapped}
+    collapsed = model.collapsed()
+    return References(
+        trained=torch_probabilities(model, local),
+        collapsed=torch_probabilities(collapsed, local),
+        dequantized=torch_probabilities(dequantized_copy(collapsed), local),
+    )

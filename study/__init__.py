@@ -1,0 +1,1 @@
+"""The accuracy study: how test AUC depends on embedding width, per method and regime."""

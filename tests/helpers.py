@@ -1,0 +1,27 @@
+"""Entry points that only the tests need: one variant in, one result out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from export.exporter import ExportConfig, ExportResult, export_variants
+from export.graph import LoweredModel, LoweringOptions, lower_variants
+from export.sources import MemoryWeights
+from mlet.dlrm import DLRM
+from mlet.spec import ExportSpec
+
+
+def export_run(run_path: str | Path, repo: str | Path, config: ExportConfig) -> ExportResult:
+    """Export every variant of config.variants; the first one's result."""
+    return export_variants(run_path, repo, config).results[0]
+
+
+def lower_to_onnx(
+    model: DLRM,
+    spec: ExportSpec,
+    path: Path,
+    variant: str = "fp32",
+    options: LoweringOptions | None = None,
+) -> LoweredModel:
+    """Write `path` (and its external data file when large) for a model in memory, collapsed."""
+    return lower_variants(MemoryWeights(model), spec, {variant: Path(path)}, options)[variant]
