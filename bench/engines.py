@@ -269,6 +269,11 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
         load: [factory.body(*load) for _ in range(config.pool)] for load in config.loads
     }  # drawn once: every engine gets the very same requests
     out.mkdir(parents=True, exist_ok=True)
+    generator_note = ""
+    if config.chosen_generator() == "locust":
+        missing = wrk_missing_reason()
+        generator_note = f"{missing}: {config.locust_processes} Locust processes generate the load"
+        print(generator_note if missing else "load generator: Locust (as asked)", flush=True)
     results = []
     for name in config.engines:
         engine = Engine(name=name, tritonserver=config.tritonserver)
@@ -285,14 +290,15 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
         "model": model,
         "config": asdict(config),
         "environment": environment({"engines": str(config)}),
+        "generator_note": generator_note,
         "results": results,
     }
     write_json(out / "engines.json", summary)
-    (out / "engines.md").write_text(engines_markdown(model, config, results))
+    (out / "engines.md").write_text(engines_markdown(model, config, results, generator_note))
     return summary
 
 
-def engines_markdown(model: str, config: EnginesConfig, results: list[dict]) -> str:
+def engines_markdown(model: str, config: EnginesConfig, results: list[dict], note="") -> str:
     generator = results[0]["generator"] if results else config.generator
     lines = [
         f"Engines on {model}: {config.connections} connections, {config.duration:g} s per load, "
@@ -314,5 +320,6 @@ def engines_markdown(model: str, config: EnginesConfig, results: list[dict]) -> 
         "Server CPU and memory cover the server process and its children (Triton's Python "
         "backend stubs); client CPU is the load generator's. Near the machine's core count "
         "together, the machine was the limit.",
+        *([f"Note: {note}."] if note else []),
     ]
     return "\n".join(lines) + "\n"

@@ -118,14 +118,17 @@ def unavailable_reason() -> str | None:
     except TritonUnavailable as e:
         return str(e)
     try:
-        subprocess.run(
+        result = subprocess.run(
             [str(install.binary), "--help"],
             env=triton_env(install, SessionOptions()),
             capture_output=True,
+            text=True,
             timeout=60,
         )
-    except OSError as e:
+    except (OSError, subprocess.TimeoutExpired) as e:
         return f"{install.binary} cannot run here: {e}"
+    if "Usage: tritonserver" not in result.stdout + result.stderr:  # --help exits 1
+        return f"{install.binary} cannot run here: {(result.stderr or result.stdout)[-500:]}"
     return None
 
 
@@ -328,7 +331,8 @@ def run_triton(config: TritonConfig) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     log.info("tritonserver exited with code %d", code)
-    return 0 if stop and code == 0 else code or (0 if stop else 1)
+    # asked to stop: Triton's own status; stopped by itself: a failure even if it said 0
+    return code if stop else (code or 1)
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual check: python -m serve.triton_engine R

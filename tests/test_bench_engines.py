@@ -51,3 +51,13 @@ def test_bench_load_engine_triton(tiny_repo, tmp_path):
     (summary,) = run_load(tiny_repo, ["mlet"], config, tmp_path)
     assert summary["engine"] == "Triton Inference Server"
     assert summary["failures"] == 0 and summary["requests"] > 0
+
+
+def test_bench_engines_with_locust_processes(tiny_repo, tmp_path):
+    """The generator where wrk is missing: several Locust processes, the same figures."""
+    config = EnginesConfig(
+        engines=("mlet",), duration=2, connections=4, loads=((1, False),), generator="locust"
+    )
+    (result,) = run_engines(tiny_repo, "mlet", config, tmp_path)["results"]
+    assert result["generator"] == "locust" and result["failures"] == 0
+    assert result["requests"] > 0 and result["client_cpu_cores"] > 0
