@@ -551,6 +551,11 @@ def serve_with_triton(args: argparse.Namespace, session) -> None:
 
     if args.torch_run or not args.repo:
         raise ValueError("--engine triton serves a model repository (--repo), not --torch-run")
+    overrides = (args.batching != "config", args.max_queue_delay_us, args.preferred_batch_sizes,
+                 args.instances)  # fmt: skip
+    if any(o not in (None, False) for o in overrides):
+        raise ValueError("batching options apply to --engine mlet; Triton batches as "
+                         "each model's config.pbtxt says")  # fmt: skip
     config = TritonConfig(
         repo=Path(args.repo), host=args.host, port=args.port, models=args.models,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, session=session,

@@ -105,3 +105,10 @@ def test_our_server_answers_get_model_config(tiny_repo):
         assert rows == "50,7,120,3,30"
         with pytest.raises(Exception, match="unknown model"):
             client.get_model_config("nope")
+
+
+def test_serve_engine_triton_refuses_our_batching_options(tiny_repo, capsys):
+    from cli import main
+
+    assert main(["serve", "--engine", "triton", "--repo", str(tiny_repo), "--batching", "off"]) == 2
+    assert "batching options apply to --engine mlet" in capsys.readouterr().err
