@@ -80,8 +80,13 @@ class ProcessTree:
 
 
 @contextmanager
-def running_engine(engine: Engine, repo: Path, models: list[str], *options: str, timeout=60.0):
-    """Yields (url, ProcessTree) of a server for `models`; stops what it started."""
+def running_engine(
+    engine: Engine, repo: Path, models: list[str], *options: str, timeout=60.0, log=None
+):
+    """Yields (url, ProcessTree) of a server for `models`; stops what it started.
+
+    `log`: where Triton's output goes (default: a temporary file).
+    """
     if engine.url is not None:
         yield engine.url.rstrip("/"), ProcessTree(None)
         return
@@ -104,8 +109,8 @@ def running_engine(engine: Engine, repo: Path, models: list[str], *options: str,
         ready_timeout_s=max(timeout, 120.0),
     )
     with (
-        tempfile.NamedTemporaryFile(prefix="triton-", suffix=".log") as log,
-        running_triton(config, Path(log.name)) as server,
+        tempfile.NamedTemporaryFile(prefix="triton-", suffix=".log") as scratch,
+        running_triton(config, Path(log or scratch.name)) as server,
     ):
         yield server.url, ProcessTree(server.process.pid)
 
@@ -277,7 +282,8 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
     results = []
     for name in config.engines:
         engine = Engine(name=name, tritonserver=config.tritonserver)
-        with running_engine(engine, repo, [model], timeout=120.0) as (url, server):
+        log = out / f"{name}.log" if name == "triton" else None  # its backends, its loads
+        with running_engine(engine, repo, [model], timeout=120.0, log=log) as (url, server):
             rss_loaded = server.memory_info().rss
             for rows, binary in config.loads:
                 warm_up(url, model, spec, LoadConfig(rows=rows, binary=binary))

@@ -34,6 +34,7 @@ def test_bench_engines_short_run(tiny_repo, tmp_path):
     assert all(f"| {e} | 1-row JSON |" in table for e in engines)
     if TRITON:
         pytest.skip(f"Triton half not run: {TRITON}")
+    assert "successfully loaded 'mlet'" in (tmp_path / "triton.log").read_text()
 
 
 def test_bench_load_against_a_running_server_by_url(tiny_repo, tmp_path):
