@@ -136,11 +136,12 @@ def repository_models(repo: Path) -> dict[str, str]:
     """Model name -> platform for every model folder with a config.pbtxt."""
     if not repo.is_dir():
         raise FileNotFoundError(f"model repository {repo} does not exist")
-    return {
-        p.name: read_model_config(p).platform or read_model_config(p).backend
+    configs = {
+        p.name: read_model_config(p)
         for p in sorted(repo.iterdir())
         if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_FILE).is_file()
     }
+    return {name: config.platform or config.backend for name, config in configs.items()}
 
 
 def backend_plan(install: TritonInstall) -> dict[str, str]:
@@ -178,8 +179,16 @@ def models_to_load(
     return load, skipped
 
 
-def assemble_backends(install: TritonInstall, folder: Path) -> Path:
-    """A backend directory: the install's backends plus the Python-based onnxruntime one."""
+def backend_directory(install: TritonInstall, folder: Path) -> Path:
+    """The install's own backends where it has the native onnxruntime one; else a directory
+    in `folder` with its backends plus the Python-based onnxruntime one."""
+    if "onnxruntime" in install.native_backends():
+        return install.backends
+    if not (install.backends / "python" / "libtriton_python.so").is_file():
+        raise TritonUnavailable(
+            f"{install.binary} has neither the native onnxruntime backend nor the Python "
+            f"backend (looked in {install.backends})"
+        )
     backends = folder / "backends"
     backends.mkdir(parents=True)
     for entry in install.backends.iterdir():
@@ -192,9 +201,8 @@ def assemble_backends(install: TritonInstall, folder: Path) -> Path:
     if not stub.exists() and install.stubs is not None:
         version = install.site_packages.parent.name.removeprefix("python")
         shutil.copy(install.stubs / version / stub.name, stub)
-    if "onnxruntime" not in install.native_backends():
-        (backends / "onnxruntime").mkdir(exist_ok=True)
-        shutil.copy(PYTHON_BASED_ONNXRUNTIME, backends / "onnxruntime" / "model.py")
+    (backends / "onnxruntime").mkdir()
+    shutil.copy(PYTHON_BASED_ONNXRUNTIME, backends / "onnxruntime" / "model.py")
     return backends
 
 
@@ -282,7 +290,7 @@ def running_triton(config: TritonConfig, log_path: Path | None = None):
     for backend, how in sorted(plan.items()):
         log.info("Triton backend %s: %s", backend, how)
     with tempfile.TemporaryDirectory(prefix="mlet-triton-") as work:
-        backends = assemble_backends(install, Path(work))
+        backends = backend_directory(install, Path(work))
         command = triton_command(install, config, backends, load)
         env = triton_env(install, config.session)
         output = open(log_path, "wb") if log_path else None  # noqa: SIM115 (closed below)

@@ -16,7 +16,13 @@ from export.triton_config import (
     render_config,
 )
 from mlet.spec import ExportSpec, TensorSpec
-from serve.triton_engine import TritonInstall, backend_plan, models_to_load
+from serve.triton_engine import (
+    TritonInstall,
+    TritonUnavailable,
+    backend_directory,
+    backend_plan,
+    models_to_load,
+)
 from serve.triton_json import model_config_json
 
 SPEC = ExportSpec(
@@ -112,3 +118,15 @@ def test_serve_engine_triton_refuses_our_batching_options(tiny_repo, capsys):
 
     assert main(["serve", "--engine", "triton", "--repo", str(tiny_repo), "--batching", "off"]) == 2
     assert "batching options apply to --engine mlet" in capsys.readouterr().err
+
+
+def test_a_native_onnxruntime_backend_is_used_as_installed(tmp_path):
+    backends = tmp_path / "backends"
+    (backends / "onnxruntime").mkdir(parents=True)
+    (backends / "onnxruntime" / "libtriton_onnxruntime.so").touch()
+    native = TritonInstall(tmp_path / "tritonserver", backends, "test")
+    assert backend_plan(native)["onnxruntime"] == "Triton's native onnxruntime backend"
+    assert backend_directory(native, tmp_path / "work") == backends
+    (backends / "onnxruntime" / "libtriton_onnxruntime.so").unlink()
+    with pytest.raises(TritonUnavailable, match="neither the native onnxruntime backend"):
+        backend_directory(native, tmp_path / "work")
