@@ -261,7 +261,10 @@ def add_serve(stages) -> None:
     )  # fmt: skip
     http = serve.add_argument_group("connections")
     http.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
-    http.add_argument("--max-connections", type=int, default=1024, help="503 above this")
+    http.add_argument(
+        "--max-connections", type=int,
+        help="503 above this (default 1024, less where the descriptor limit is lower)",
+    )  # fmt: skip
     http.add_argument("--header-timeout", type=float, default=10.0, help="seconds for headers")
     http.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a body")
     http.add_argument("--keep-alive", type=float, default=5.0, help="idle seconds kept open")
@@ -290,14 +293,47 @@ def add_serve(stages) -> None:
         "--providers", type=name_list, default=["CPUExecutionProvider"],
         help="execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider",
     )  # fmt: skip
+    add_model_control_argument(serve)
     serve_engine_options(serve)
     serve.set_defaults(handler=cmd_serve)
+
+
+def add_model_control_argument(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--model-control-mode", choices=["none", "explicit"], default="none",
+        help="none: the models loaded at start stay; explicit: clients may load and unload",
+    )  # fmt: skip
+
+
+def add_bench_fuzz(bench) -> None:
+    fuzz = bench.add_parser("fuzz", help="property-based fuzzing of the infer endpoint")
+    fuzz.add_argument("--repo", required=True)
+    fuzz.add_argument("--model", required=True)
+    fuzz.add_argument("--cases", type=int, default=6000)
+    fuzz.add_argument("--seed", type=int, default=0)
+    fuzz.add_argument("--hang-seconds", type=float, default=10.0, help="longer counts as a hang")
+    fuzz.add_argument("--out", help="write the figures to this JSON file")
+    fuzz.set_defaults(handler=cmd_bench_fuzz)
+
+
+def cmd_bench_fuzz(args: argparse.Namespace) -> None:
+    from bench.fuzz import report_lines, run_fuzz
+    from mlet.files import write_json
+
+    report, seconds = run_fuzz(
+        Path(args.repo), args.model, args.cases, args.hang_seconds, args.seed
+    )
+    print("\n".join(report_lines(report, seconds)))
+    if args.out:
+        write_json(args.out, report.to_dict() | {"seconds": seconds})
+    if report.failures():
+        raise SystemExit("fuzzing found faults:\n- " + "\n- ".join(report.failures()))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from mlet.runtime import SessionOptions
     from serve.dataplane import BatchingOverrides, PlaneConfig
-    from serve.http import HttpLimits
+    from serve.http import HttpLimits, default_max_connections
     from serve.server import ServerConfig, run_server
 
     session = SessionOptions(
@@ -326,10 +362,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
             host=args.host,
             port=args.port,
             models=args.models,
-            plane=PlaneConfig(session=session, batching=batching, torch_runs=tuple(args.torch_run)),
+            plane=PlaneConfig(
+                session=session,
+                batching=batching,
+                torch_runs=tuple(args.torch_run),
+                model_control=args.model_control_mode,
+            ),
             limits=HttpLimits(
                 max_body_bytes=args.max_body_bytes,
-                max_connections=args.max_connections,
+                max_connections=args.max_connections or default_max_connections(),
                 header_timeout_s=args.header_timeout,
                 body_timeout_s=args.body_timeout,
                 keep_alive_s=args.keep_alive,
@@ -343,6 +384,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def add_bench(stages) -> None:
     bench = stages.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)
+    add_bench_fuzz(bench)
     load = bench.add_parser("load", help="Locust load test of served models")
     load.add_argument("--repo", required=True)
     load.add_argument("--models", type=name_list, required=True, help="comma-separated names")

@@ -17,8 +17,9 @@ This stage never imports export/: it runs the `mlet` command and reads what it w
 
 from __future__ import annotations
 
+import contextlib
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -123,28 +124,32 @@ def process_memory(pid: int) -> dict[str, int]:
 
 
 def measure_child(command: list[str]) -> dict:
-    """Run `command`; wall seconds, peak RSS (ru_maxrss) and the sampled RSS split."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run `command`; wall seconds, its own peak RSS (ru_maxrss) and the sampled RSS split.
+
+    os.wait4 gives the resource usage of this child alone: RUSAGE_CHILDREN would report the
+    largest high-water mark of every child this process ever waited for.
+    """
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = {"rss": 0, "anon": 0, "file": 0}
-    while child.poll() is None:
-        try:
-            sample = process_memory(child.pid)
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        peak = {k: max(peak[k], sample.get(k, 0)) for k in peak}
-        time.sleep(0.1)
-    output, _ = child.communicate()
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty child never blocks
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        peak = {"rss": 0, "anon": 0, "file": 0}
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                sample = process_memory(child.pid)
+                peak = {k: max(peak[k], sample.get(k, 0)) for k in peak}
+            time.sleep(0.1)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read()
     seconds = time.perf_counter() - started
-    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}):\n{output}")
     return {
         "seconds": seconds,
-        # ru_maxrss of children is the largest child's high-water mark; a smaller one than an
-        # earlier child's would not show, hence the comparison with the value before.
-        "peak_rss_bytes": maxrss if maxrss > before * 1024 else None,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
         "sampled_peak": peak,
         "output": output,
     }

@@ -42,7 +42,8 @@ from export.install import ExportResult, file_entries, install_all
 from export.references import held_out, max_abs_diff, pytorch_references
 from export.sources import RunWeights
 from export.triton_config import render_config
-from mlet.files import new_staging_directory
+from mlet.files import names_path_on_error, new_staging_directory
+from mlet.integrity import verify_run
 from mlet.repository import CONFIG_FILE, FIRST_VERSION, Manifest, write_manifest
 from mlet.run import Run, load_run, software_versions
 from mlet.spec import ExportSpec, spec_for
@@ -90,6 +91,7 @@ class StagedVariant:
         return self.staging / FIRST_VERSION / self.variant.model_file
 
 
+@names_path_on_error("repo")  # a full disk says which repository filled it
 def export_variants(
     run_path: str | Path,
     repo: str | Path,
@@ -101,6 +103,7 @@ def export_variants(
     reason, where TensorRT is not available."""
     started = time.perf_counter()
     run = load_run(run_path)
+    verify_run(run.path, [table.name for table in run.model_config.tables])
     base = config.name or run.path.name
     variants = parse_variants(config.variants)
     check_names(base, variants)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mlet.files import read_json, write_json
+from mlet.integrity import verify_model_files
 from mlet.spec import OPSET, ExportSpec
 from mlet.variants import MODEL_FILES, ONNX_PLATFORM
 
@@ -115,10 +116,11 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     write_json(folder / MANIFEST_FILE, manifest.to_dict())
 
 
-def open_model(folder: str | Path) -> OpenedModel:
+def open_model(folder: str | Path, verify: bool = False) -> OpenedModel:
     """The newest version of a model folder, with the manifest that describes it.
 
     A version folder may carry a manifest of its own; otherwise the model folder's applies.
+    With `verify`, model files whose size or sha256 differ from the manifest are refused.
     """
     folder = Path(folder)
     if not (folder / MANIFEST_FILE).is_file():
@@ -132,6 +134,8 @@ def open_model(folder: str | Path) -> OpenedModel:
     model_path = folder / version / Path(manifest.model_file).name
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path} named by the manifest is missing")
+    if verify and (damaged := verify_model_files(folder, manifest.files)) is not None:
+        raise ValueError(f"refused: {damaged}")
     return OpenedModel(folder, manifest, version, model_path)
 
 

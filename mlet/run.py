@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from mlet.data.dataset import DataSchema
 from mlet.dlrm import DLRM, DLRMConfig
 from mlet.files import read_json, write_json
+from mlet.integrity import record_run_checksums
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -61,6 +62,7 @@ def write_run(directory: Path, config: dict, model: DLRM, metrics: dict) -> None
     save_file(state, directory / WEIGHTS_FILE, metadata={"format": "mlet-run-v1"})
     write_json(directory / CONFIG_FILE, config)
     write_json(directory / METRICS_FILE, metrics)
+    record_run_checksums(directory, [WEIGHTS_FILE])
 
 
 def load_run(path: str | Path) -> Run:

@@ -45,6 +45,10 @@ class TensorEntry:
         return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
 
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsReader:
     """Random access to the tensors of one .safetensors file by positioned reads."""
 
@@ -71,22 +75,36 @@ class SafetensorsReader:
             header = json.loads(os.pread(self._fd, header_bytes, 8))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.path}: the safetensors header is not valid JSON: {e}") from e
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: the safetensors header must be a JSON object")
         metadata = header.pop("__metadata__", {}) or {}
         start = 8 + header_bytes
         entries = {}
         for name, info in header.items():
-            if info["dtype"] not in DTYPES:
-                raise ValueError(
-                    f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}"
-                )
-            dtype = np.dtype(DTYPES[info["dtype"]])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (start + int(o) for o in info["data_offsets"])
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != expected or end > size:
-                raise ValueError(f"{self.path}: tensor {name} has a byte range that does not fit")
-            entries[name] = TensorEntry(name, dtype, shape, begin, end)
+            entries[name] = self._entry(name, info, start, size)
         return entries, metadata
+
+    def _entry(self, name: str, info, start: int, size: int) -> TensorEntry:
+        """One header entry checked field by field, so a damaged file says what is wrong."""
+        where = f"{self.path}: tensor {name}"
+        if not isinstance(info, dict):
+            raise ValueError(f"{where}: its header entry is not an object")
+        missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
+        if missing:
+            raise ValueError(f"{where}: its header entry lacks {missing}")
+        if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
+            raise ValueError(f"{where} has unsupported dtype {info['dtype']!r}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_natural, offsets)):
+            raise ValueError(f"{where}: data_offsets {offsets!r} are not two byte offsets")
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        begin, end = start + offsets[0], start + offsets[1]
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != expected or end > size:
+            raise ValueError(f"{where} has a byte range that does not fit")
+        return TensorEntry(name, dtype, tuple(shape), begin, end)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -173,8 +173,7 @@ class DynamicBatcher:
             self._refuse_expired()
             if not self._queue or self._running >= self.config.instances:
                 self._mark_idle_if_done()
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._sleep(self._until_first_deadline())
                 continue
             rows, count = self._rows_that_fit()
             full = count < len(self._queue) or rows >= self.config.send_at_rows
@@ -187,9 +186,29 @@ class DynamicBatcher:
                 self._running += 1
                 asyncio.get_running_loop().create_task(self._execute(batch))
                 continue
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.config.max_queue_delay_s - waited)
+            delay_left = self.config.max_queue_delay_s - waited
+            deadline_left = self._until_first_deadline()
+            if deadline_left is not None:
+                delay_left = min(delay_left, deadline_left)
+            await self._sleep(delay_left)
+
+    def _until_first_deadline(self) -> float | None:
+        """Seconds until the first queued request's timeout; None when none has one.
+
+        The scheduler wakes up then, so a request is refused when its timeout passes rather
+        than when its batch would have formed.
+        """
+        deadlines = [p.deadline for p in self._queue if p.deadline is not None]
+        return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Wait for a wake-up (a new request, a finished batch) or `seconds`, if given."""
+        self._wakeup.clear()
+        if seconds is None:
+            await self._wakeup.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
 
     def _rows_that_fit(self) -> tuple[int, int]:
         """Rows and requests, from the oldest, that fit in one batch (one without batching)."""
@@ -207,7 +226,7 @@ class DynamicBatcher:
         now = time.monotonic()
         kept: deque[_Pending] = deque()
         for pending in self._queue:
-            if pending.deadline is not None and now > pending.deadline:
+            if pending.deadline is not None and now >= pending.deadline:
                 self._queued_rows -= pending.rows
                 self.stats.refused_timeout += 1
                 if not pending.future.done():

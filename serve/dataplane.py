@@ -9,12 +9,17 @@ running requests before it is dropped, so a reload never fails a request in flig
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from mlet.files import clean_leftovers
 from mlet.repository import CONFIG_FILE, model_folders, open_model
 from mlet.runtime import SessionOptions
 from mlet.spec import ExportSpec
@@ -27,13 +32,21 @@ from serve.batcher import (
     QueueFullError,
     RequestTimeoutError,
 )
-from serve.model_config import read_model_config, serving_defaults
+from serve.model_config import ServingDefaults, read_model_config, serving_defaults
 from serve.protocol import InferenceError, decode_request, encode_response
 from serve.server_metrics import ServerMetrics
 from serve.validation import requested_outputs, validate_inputs
 
 log = logging.getLogger("mlet.serve")
 RETRY_AFTER = {"Retry-After": "1"}
+MODEL_CONTROL_MODES = ("none", "explicit")  # as Triton's --model-control-mode
+# A JSON request spends at most this many bytes per value it carries (a float64's longest
+# text, a separator and indentation): a body longer than the model's largest batch needs
+# is refused before it is read.
+JSON_BYTES_PER_VALUE = 48
+HEADER_SLACK_BYTES = 64 << 10  # names, datatypes, shapes and parameters
+DECODE_INLINE_BYTES = 64 << 10  # larger bodies are decoded off the event loop
+DECODE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,16 @@ class PlaneConfig:
     session: SessionOptions = field(default_factory=SessionOptions)
     batching: BatchingOverrides = field(default_factory=BatchingOverrides)
     torch_runs: tuple[tuple[str, Path], ...] = ()  # (name, run folder) served by PyTorch
+    # "none": the models loaded at start are served as they are, and the repository API
+    # answers its index only; "explicit": clients may load, reload and unload models.
+    model_control: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ValueError(
+                f"model control mode must be one of {MODEL_CONTROL_MODES}, "
+                f"got {self.model_control!r}"
+            )
 
 
 @dataclass
@@ -80,10 +103,31 @@ class ModelHandle:
         self.executor.shutdown(wait=False)
 
 
-def batching_config(spec: ExportSpec, folder: Path | None, overrides: BatchingOverrides):
+def config_defaults(folder: Path) -> ServingDefaults | None:
+    """What the model's config.pbtxt says about serving it; None without a config.pbtxt."""
+    if not (folder / CONFIG_FILE).is_file():
+        return None
+    return serving_defaults(read_model_config(folder), str(folder / CONFIG_FILE))
+
+
+def served_spec(spec: ExportSpec, defaults: ServingDefaults | None, platform: str) -> ExportSpec:
+    """The spec with config.pbtxt's max_batch_size, which Triton enforces, in place of the
+    export's; a TensorRT engine cannot take batches beyond the profile it was built for."""
+    if defaults is None or defaults.max_batch_size == spec.max_batch_size:
+        return spec
+    if platform == TENSORRT_PLATFORM and defaults.max_batch_size > spec.max_batch_size:
+        raise ValueError(
+            f"{CONFIG_FILE}: max_batch_size {defaults.max_batch_size} exceeds the "
+            f"{spec.max_batch_size} rows the engine's profile was built for"
+        )
+    return dataclasses.replace(spec, max_batch_size=defaults.max_batch_size)
+
+
+def batching_config(
+    spec: ExportSpec, defaults: ServingDefaults | None, overrides: BatchingOverrides
+) -> BatchingConfig:
     """The model's config.pbtxt settings with the command line's overrides on top."""
-    if folder is not None and (folder / CONFIG_FILE).is_file():
-        defaults = serving_defaults(read_model_config(folder))
+    if defaults is not None:
         enabled, delay_us = defaults.dynamic_batching, defaults.max_queue_delay_us
         preferred, instances = defaults.preferred_batch_sizes, defaults.instances
     else:
@@ -110,9 +154,14 @@ class DataPlane:
         self.config = config or PlaneConfig()
         self.metrics = ServerMetrics()
         self.models: dict[str, ModelHandle] = {}
-        self.failures: dict[str, str] = {}  # model -> why its last load failed
+        # model -> why its last load failed; only names the repository holds, so that
+        # clients asking for made-up names leave nothing behind
+        self.failures: dict[str, str] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._control = asyncio.Lock()  # one load or unload at a time, whatever the name
+        # Large bodies are parsed here, so that the event loop keeps answering other
+        # models meanwhile; two at a time bounds the memory their parsed values take.
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
         self._retiring: set[asyncio.Task] = set()
 
     # -- loading ----------------------------------------------------------------------
@@ -130,9 +179,11 @@ class DataPlane:
         folder = self.known_models().get(name)
         if folder is None:
             raise FileNotFoundError(f"no model '{name}' in repository {self.repo}")
-        opened = open_model(folder)
-        spec, platform = opened.manifest.spec, opened.manifest.platform
-        batching = batching_config(spec, folder, self.config.batching)
+        opened = open_model(folder, verify=True)  # refuses files that differ from the manifest
+        platform = opened.manifest.platform
+        defaults = config_defaults(folder)
+        spec = served_spec(opened.manifest.spec, defaults, platform)
+        batching = batching_config(spec, defaults, self.config.batching)
         if platform == ONNX_PLATFORM:
             backend = OnnxRuntimeBackend(opened.model_path, self.config.session, batching.instances)
         elif platform == TENSORRT_PLATFORM:
@@ -145,7 +196,7 @@ class DataPlane:
     def _torch_handle(self, name: str, run: Path) -> ModelHandle:
         backend = TorchBackend(run, self.config.session.intra_op_threads)
         spec = backend.spec
-        batching = batching_config(spec, None, self.config.batching)
+        batching = batching_config(spec, None, self.config.batching)  # no config.pbtxt
         return self._handle(name, "1", "pytorch", spec, backend, batching, run)
 
     def _handle(self, name, version, platform, spec, backend, batching, source) -> ModelHandle:
@@ -162,6 +213,11 @@ class DataPlane:
         that cannot load here (a TensorRT engine on a machine without a GPU, say) is
         skipped with its reason in the repository index, as long as one model loads.
         """
+        if self.repo is not None and self.repo.is_dir():
+            # A writer killed mid-replace leaves staging or retired folders; put the
+            # repository back in order before reading it.
+            for folder in clean_leftovers(self.repo):
+                log.warning("removed %s, left by an interrupted export", folder)
         known = self.known_models()
         runs = [name for name, _ in self.config.torch_runs]
         required = [*(only or []), *(r for r in runs if r not in (only or []))]
@@ -194,14 +250,25 @@ class DataPlane:
         gauge.set_function(lambda: handle.batcher.queued_rows)
         return old
 
+    def _check_control(self, action: str) -> None:
+        if self.config.model_control != "explicit":
+            raise InferenceError(
+                f"cannot {action} models: the server runs with model control mode "
+                f"'{self.config.model_control}' (start it with --model-control-mode explicit)"
+            )
+
     async def load(self, name: str) -> None:
         """(Re)load a model; requests keep flowing to the old version until the swap."""
-        async with self._lock(name):
+        self._check_control("load")
+        async with self._control:
+            if name not in self.known_models():
+                raise InferenceError(f"no model '{name}' in repository {self.repo}", status=404)
             loop = asyncio.get_running_loop()
             try:
                 handle = await loop.run_in_executor(self._loader, self.build_handle, name)
             except Exception as e:
-                self.failures[name] = str(e)
+                if name in self.known_models():  # it may have gone meanwhile
+                    self.failures[name] = str(e)
                 raise InferenceError(f"failed to load model '{name}': {e}") from e
             old = self._install(handle)
             if old is not None:
@@ -210,15 +277,13 @@ class DataPlane:
                 task.add_done_callback(self._retiring.discard)
 
     async def unload(self, name: str) -> None:
-        async with self._lock(name):
+        self._check_control("unload")
+        async with self._control:
             handle = self.models.pop(name, None)
             if handle is None:
                 raise InferenceError(f"model '{name}' is not loaded", status=404)
             self.metrics.queued_rows.remove(name)
             await handle.close()
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
 
     def index(self) -> list[dict]:
         entries = []
@@ -241,23 +306,48 @@ class DataPlane:
             raise InferenceError(f"model '{name}' has no version '{version}' loaded", status=404)
         return handle
 
+    def body_limit(self, name: str, server_limit: int) -> tuple[int, str]:
+        """The largest body model `name` can need (and what the bound is, for the message)."""
+        handle = self.models.get(name)
+        if handle is None:
+            return server_limit, "the limit"
+        spec = handle.spec
+        values = spec.max_batch_size * sum(math.prod(t.shape) for t in spec.inputs)
+        limit = JSON_BYTES_PER_VALUE * values + HEADER_SLACK_BYTES
+        if limit >= server_limit:
+            return server_limit, "the limit"
+        return limit, f"the bound for model '{name}' (max batch {spec.max_batch_size})"
+
+    async def _decode(self, handle: ModelHandle, body: bytes, header_length: int | None):
+        """Parse and validate a request; a large one on a decode thread."""
+        if len(body) <= DECODE_INLINE_BYTES:
+            return decode_and_validate(handle.spec, body, header_length)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._decoder, decode_and_validate, handle.spec, body, header_length
+        )
+
     async def infer(
         self, name: str, version: str | None, body: bytes, header_length: int | None
     ) -> tuple[bytes, dict[str, str]]:
         started = time.perf_counter()
         handle = self.model(name, version)
         try:
-            request = decode_request(body, header_length)
-            inputs = validate_inputs(handle.spec, request)
-            outputs = requested_outputs(handle.spec, request)
+            request, inputs, outputs = await self._decode(handle, body, header_length)
+            del body  # the arrays hold what is needed; let the bytes go
             rows = len(next(iter(inputs.values())))
             results, timing = await handle.batcher.submit(inputs, rows, request_timeout(request))
+            check_finite_outputs(name, results, outputs)
         except InferenceError:
             self.metrics.requests.labels(name, "client_error").inc()
             raise
         except (QueueFullError, RequestTimeoutError, BatcherClosedError) as e:
             self.metrics.requests.labels(name, "overloaded").inc()
             raise InferenceError(str(e), status=503, headers=RETRY_AFTER) from e
+        except NonFiniteOutputError as e:
+            self.metrics.requests.labels(name, "server_error").inc()
+            log.error("model %s: %s", name, e)
+            raise InferenceError(f"model '{name}' failed: {e}", 500) from e
         except Exception as e:
             self.metrics.requests.labels(name, "server_error").inc()
             log.exception("model %s failed a batch", name)
@@ -281,6 +371,28 @@ class DataPlane:
         """Finish every queued request of every model, then release the runtimes."""
         await asyncio.gather(*(h.close() for h in self.models.values()), *self._retiring)
         self._loader.shutdown(wait=False)
+        self._decoder.shutdown(wait=False)
+
+
+def decode_and_validate(spec: ExportSpec, body: bytes, header_length: int | None):
+    """The request, its validated input arrays and the outputs it asks for."""
+    request = decode_request(body, header_length)
+    return request, validate_inputs(spec, request), requested_outputs(spec, request)
+
+
+class NonFiniteOutputError(Exception):
+    """The model computed NaN or infinity: a fault of the model, never of the request."""
+
+
+def check_finite_outputs(name: str, results: dict, outputs: list[str]) -> None:
+    """Refuse to answer NaN (JSON would carry it as null) or infinity as a probability."""
+    for output in outputs:
+        values = results[output]
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            row = int(np.argwhere(~np.isfinite(values))[0][0])
+            raise NonFiniteOutputError(
+                f"output '{output}' of row {row} is not finite (are its weights?)"
+            )
 
 
 def request_timeout(request) -> float | None:

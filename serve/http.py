@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,12 +28,25 @@ import httptools
 log = logging.getLogger("mlet.serve")
 
 
+DESCRIPTORS_KEPT = 64  # for model files, the listening socket, logs and threads
+
+
+def default_max_connections() -> int:
+    """1024, or fewer where the descriptor limit is lower: past the limit accept() fails
+    and the connections already open would hold every descriptor until they time out."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(8, min(1024, soft - DESCRIPTORS_KEPT))
+
+
 @dataclass(frozen=True)
 class HttpLimits:
     """What one client may cost the server; every timeout is in seconds."""
 
     max_body_bytes: int = 64 << 20
-    max_connections: int = 1024  # further connections get a 503 and are closed
+    # further connections get a 503 and are closed
+    max_connections: int = field(default_factory=default_max_connections)
     header_timeout_s: float = 10.0  # from the first byte of a request to its last header
     body_timeout_s: float = 60.0  # from the last header to the last body byte
     keep_alive_s: float = 5.0  # an idle connection between requests is closed after this
@@ -64,6 +78,8 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# path -> (largest body a request to it may have, what that bound is, for the 413 message)
+BodyLimit = Callable[[str], tuple[int, str]]
 
 
 def error_body(message: str) -> bytes:
@@ -135,6 +151,7 @@ class HttpConnection(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.body_bytes = 0
+        self.body_limit, self.limit_name = self.limits.max_body_bytes, "the limit"
         self.too_large = False
         self.receiving = False  # between a request's first byte and its last
 
@@ -151,8 +168,11 @@ class HttpConnection(asyncio.Protocol):
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        if self.server.body_limit is not None:  # the route may need far less than the limit
+            path = self.url.split(b"?", 1)[0].decode("latin-1")
+            self.body_limit, self.limit_name = self.server.body_limit(path)
         declared = self.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+        if declared.isdigit() and int(declared) > self.body_limit:
             self._refuse_body(f"request body of {declared} bytes")
             return
         if self.headers.get("expect", "").lower() == "100-continue":
@@ -164,7 +184,7 @@ class HttpConnection(asyncio.Protocol):
         if self.too_large:
             return
         self.body_bytes += len(chunk)
-        if self.body_bytes > self.limits.max_body_bytes:
+        if self.body_bytes > self.body_limit:
             self.body = []
             self._refuse_body("request body")
             return
@@ -239,8 +259,7 @@ class HttpConnection(asyncio.Protocol):
         """413 before the body is stored; the rest of the body is read and dropped, so that
         a client still sending can read the answer, then the connection closes."""
         self.too_large = True
-        limit = self.limits.max_body_bytes
-        message = f"{what} exceeds the limit of {limit} bytes"
+        message = f"{what} exceeds {self.limit_name} of {self.body_limit} bytes"
         response = Response(413, error_body(message))
         self.transport.write(encode_response(response, keep_alive=False))
         if self.headers.get("expect", "").lower() == "100-continue":
@@ -280,9 +299,15 @@ class HttpConnection(asyncio.Protocol):
 class HttpServer:
     """Listens, tracks connections, and drains them on shutdown."""
 
-    def __init__(self, handler: Handler, limits: HttpLimits | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limits: HttpLimits | None = None,
+        body_limit: BodyLimit | None = None,
+    ) -> None:
         self.handler = handler
         self.limits = limits or HttpLimits()
+        self.body_limit = body_limit
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpConnection] = set()
         self.draining = False

@@ -36,9 +36,37 @@ def read_model_config(folder: Path) -> model_config_pb2.ModelConfig:
         raise ValueError(f"{path} is not a valid Triton model config: {e}") from e
 
 
-def serving_defaults(config: model_config_pb2.ModelConfig) -> ServingDefaults:
+def config_problems(config: model_config_pb2.ModelConfig) -> list[str]:
+    """What Triton's model config validation refuses among the fields this server reads."""
+    problems = []
+    if config.max_batch_size < 0:
+        problems.append(f"'max_batch_size' must be non-negative, got {config.max_batch_size}")
+    elif config.max_batch_size == 0:
+        # Triton accepts 0 (no batch dimension) and then checks the inputs' dims against the
+        # model; these models take [batch, ...] inputs, which such a config contradicts.
+        problems.append("'max_batch_size' 0 declares no batch dimension; these models have one")
+    for size in config.dynamic_batching.preferred_batch_size:
+        if size <= 0:
+            problems.append(f"dynamic batching preferred size must be positive, got {size}")
+        elif size > config.max_batch_size:
+            problems.append(
+                f"dynamic batching preferred size {size} must be <= max batch size "
+                f"{config.max_batch_size}"
+            )
+    return problems
+
+
+def serving_defaults(config: model_config_pb2.ModelConfig, where: str = "") -> ServingDefaults:
+    """The serving settings of a config, read as Triton reads them; ValueError if it refuses.
+
+    max_batch_size is the largest batch served (requests and merged batches alike); an
+    instance group whose count is 0 or negative counts as 1, Triton's normalization.
+    """
+    problems = config_problems(config)
+    if problems:
+        raise ValueError(f"{where or CONFIG_FILE}: " + "; ".join(problems))
     batching = config.HasField("dynamic_batching")
-    instances = sum(group.count or 1 for group in config.instance_group) or 1
+    instances = sum(max(group.count, 1) for group in config.instance_group) or 1
     return ServingDefaults(
         max_batch_size=config.max_batch_size,
         preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_size),

@@ -57,6 +57,16 @@ def _field(obj: dict, key: str, kind: type, where: str):
     return value
 
 
+def _parameters(obj: dict, where: str) -> dict:
+    """An object's optional 'parameters', which must be a JSON object when present."""
+    parameters = obj.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise InferenceError(f"{where}: 'parameters' must be an object")
+    return parameters
+
+
 def _shape(tensor: dict, where: str) -> tuple[int, ...]:
     shape = _field(tensor, "shape", list, where)
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -76,7 +86,8 @@ def _json_array(values, datatype: str, shape: tuple[int, ...], where: str) -> np
             f"needs {math.prod(shape)}"
         )
     kind = np.dtype(DATATYPES[datatype]).kind
-    allowed = {"f": "biuf", "i": "iu", "u": "u"}[kind]
+    # Booleans are not numbers here: Triton refuses true/false for numeric datatypes too.
+    allowed = {"f": "iuf", "i": "iu", "u": "u"}[kind]
     if array.size and array.dtype.kind not in allowed:
         expected = "integers" if kind in "iu" else "numbers"
         raise InferenceError(f"{where}: 'data' must hold {expected} for datatype {datatype}")
@@ -108,9 +119,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         raise InferenceError(f"request body is not valid JSON: {e}") from e
     if not isinstance(header, dict):
         raise InferenceError("request body must be a JSON object")
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InferenceError("'parameters' must be an object")
+    parameters = _parameters(header, "request")
 
     inputs, offset = [], 0
     for i, tensor in enumerate(_field(header, "inputs", list, "request")):
@@ -122,9 +131,14 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         if datatype not in DATATYPES:
             raise InferenceError(f"{where}: unsupported datatype {datatype!r}")
         shape = _shape(tensor, where)
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _parameters(tensor, where).get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or offset + size > len(binary)
+            ):
                 raise InferenceError(f"{where}: binary_data_size {size!r} exceeds the body")
             data = _binary_array(binary[offset : offset + size], datatype, shape, where)
             offset += size
@@ -137,14 +151,15 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         raise InferenceError(f"{len(binary) - offset} bytes of binary data belong to no input")
 
     outputs = header.get("outputs")
-    if outputs is not None and not (
-        isinstance(outputs, list) and all(isinstance(o, dict) and "name" in o for o in outputs)
-    ):
+    if outputs is not None and not isinstance(outputs, list):
         raise InferenceError("'outputs' must be a list of objects with a 'name'")
     binary_outputs = set()
-    for o in outputs or []:
-        if (o.get("parameters") or {}).get("binary_data", False):
-            binary_outputs.add(o["name"])
+    for i, output in enumerate(outputs or []):
+        if not isinstance(output, dict):
+            raise InferenceError(f"outputs[{i}] must be an object")
+        name = _field(output, "name", str, f"outputs[{i}]")
+        if _parameters(output, f"output '{name}'").get("binary_data", False):
+            binary_outputs.add(name)
     request_id = header.get("id")
     return InferRequest(
         id=None if request_id is None else str(request_id),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +50,25 @@ async def serve(plane: DataPlane, config: ServerConfig) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = HttpServer(create_app(plane), config.limits)
+    server = HttpServer(create_app(plane), config.limits, body_limit(plane, config.limits))
     await server.listen(config.host, config.port)
     log.info("serving %s on http://%s:%d", ", ".join(plane.models), config.host, config.port)
     await stop.wait()
     log.info("stopping: answering the requests in flight")
     await server.drain(config.shutdown_grace_s)
     await plane.close()
+
+
+INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+
+
+def body_limit(plane: DataPlane, limits: HttpLimits):
+    """An infer request's bound: what its model's largest batch can need, at most the limit."""
+
+    def limit(path: str) -> tuple[int, str]:
+        match = INFER_PATH.match(path)
+        if match is None:
+            return limits.max_body_bytes, "the limit"
+        return plane.body_limit(match.group(1), limits.max_body_bytes)
+
+    return limit

@@ -184,3 +184,39 @@ def test_close_finishes_queued_requests():
 
     assert run(scenario()) == [0.0, 2.0, 4.0]
     assert recorder.batches == [3]
+
+
+def test_a_timeout_fires_before_the_queue_delay_would_send_the_batch():
+    """A 50 ms timeout under a 60 s queue delay is refused long before the batch forms: the
+    test's own 10 s guard would fail if the batcher waited for the delay."""
+    recorder = Recorder()
+
+    async def scenario():
+        config = BatchingConfig(max_batch_rows=8, max_queue_delay_s=60.0)
+        batcher = make(config, recorder)
+        with pytest.raises(RequestTimeoutError):
+            await batcher.submit(rows(0, 1), 1, timeout_s=0.05)
+        return batcher
+
+    batcher = run(scenario())
+    assert batcher.stats.refused_timeout == 1
+    assert recorder.batches == []
+
+
+def test_a_timeout_fires_while_every_instance_is_busy():
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def scenario():
+        batcher = make(BatchingConfig(max_batch_rows=1, max_queue_delay_s=0), recorder)
+        running = asyncio.ensure_future(batcher.submit(rows(0, 1), 1))
+        await asyncio.sleep(0.05)  # the first request now holds the only instance
+        with pytest.raises(RequestTimeoutError):
+            await batcher.submit(rows(1, 1), 1, timeout_s=0.05)
+        recorder.release.set()
+        await running
+        return batcher
+
+    batcher = run(scenario())
+    assert batcher.stats.refused_timeout == 1
+    assert recorder.batches == [1]

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import orjson
 import pytest
@@ -170,3 +172,32 @@ def test_unknown_requested_output():
     request = decode_request(body([[1, 2]], [[1, 2, 3]], outputs=[{"name": "logit"}]))
     with pytest.raises(InferenceError, match="unknown output\\(s\\) \\['logit'\\]"):
         requested_outputs(SPEC, request)
+
+
+GOOD_INPUTS = [
+    {"name": "dense", "datatype": "FP32", "shape": [1, 2], "data": [0.5, 1.0]},
+    {"name": "sparse", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]},
+]
+
+
+@pytest.mark.parametrize(
+    "request_body, message",
+    [
+        ({"inputs": [{**GOOD_INPUTS[0], "parameters": 5}, GOOD_INPUTS[1]]}, "'parameters' must"),
+        ({"inputs": [{**GOOD_INPUTS[0], "parameters": [1]}, GOOD_INPUTS[1]]}, "'parameters' must"),
+        ({"inputs": GOOD_INPUTS, "outputs": [{"name": 7}]}, "'name' must be a str"),
+        ({"inputs": GOOD_INPUTS, "outputs": [{"name": "p", "parameters": "x"}]}, "'parameters'"),
+        ({"inputs": GOOD_INPUTS, "outputs": [3]}, "outputs[0] must be an object"),
+        ({"inputs": GOOD_INPUTS, "outputs": {"name": "p"}}, "'outputs' must be a list"),
+        ({"inputs": [{**GOOD_INPUTS[0], "data": [True, False]}, GOOD_INPUTS[1]]}, "numbers"),
+        (
+            {"inputs": [{**GOOD_INPUTS[0], "parameters": {"binary_data_size": True}}]},
+            "binary_data_size",
+        ),
+    ],
+)
+def test_client_mistakes_are_client_errors(request_body, message):
+    """Each of these was a TypeError/AttributeError (a 500) or accepted (booleans as FP32)."""
+    with pytest.raises(InferenceError, match=re.escape(message)) as error:
+        decode_request(orjson.dumps(request_body))
+    assert error.value.status == 400

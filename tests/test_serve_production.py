@@ -131,8 +131,21 @@ def test_full_queue_and_expired_timeout_answer_503(tiny_repo):
         assert model["refused_queue_full"] == 1 and model["refused_timeout"] == 1
 
 
+def reload_three_times(url, tiny_repo):
+    for _ in range(3):
+        assert request(f"{url}/v2/repository/models/mlet/unload", b"")[0] == 200
+        assert infer(url, tiny_repo, "mlet")[0] == 404
+        index = json.loads(request(f"{url}/v2/repository/index", b"")[2])
+        assert {"name": "mlet", "state": "UNAVAILABLE", "reason": "not loaded"} in index
+        assert request(f"{url}/v2/repository/models/mlet/load", b"")[0] == 200
+        assert infer(url, tiny_repo, "mlet")[0] == 200
+        # reloading the model that is under traffic swaps versions without failures
+        assert request(f"{url}/v2/repository/models/full/load", b"")[0] == 200
+
+
 def test_load_unload_and_reload_under_traffic(tiny_repo):
-    with running_server(tiny_repo, ["full", "mlet"]) as (url, _):
+    control = ("--model-control-mode", "explicit")
+    with running_server(tiny_repo, ["full", "mlet"], *control) as (url, _):
         failures, done = [], threading.Event()
 
         def traffic(model):
@@ -146,21 +159,15 @@ def test_load_unload_and_reload_under_traffic(tiny_repo):
 
         with ThreadPoolExecutor(2) as pool:
             sent = [pool.submit(traffic, "full"), pool.submit(traffic, "full")]
-            for _ in range(3):
-                assert request(f"{url}/v2/repository/models/mlet/unload", b"")[0] == 200
-                assert infer(url, tiny_repo, "mlet")[0] == 404
-                index = json.loads(request(f"{url}/v2/repository/index", b"")[2])
-                assert {"name": "mlet", "state": "UNAVAILABLE", "reason": "not loaded"} in index
-                assert request(f"{url}/v2/repository/models/mlet/load", b"")[0] == 200
-                assert infer(url, tiny_repo, "mlet")[0] == 200
-                # reloading the model that is under traffic swaps versions without failures
-                assert request(f"{url}/v2/repository/models/full/load", b"")[0] == 200
-            done.set()
+            try:
+                reload_three_times(url, tiny_repo)
+            finally:
+                done.set()  # a failed check must not leave the traffic running forever
             counts = [f.result() for f in sent]
         assert failures == []
         assert min(counts) > 0
         status, _, body = request(f"{url}/v2/repository/models/nope/load", b"")
-        assert status == 400 and "nope" in json.loads(body)["error"]
+        assert status == 404 and "nope" in json.loads(body)["error"]
 
 
 def test_sigterm_answers_requests_in_flight_and_exits_zero(tiny_repo):
