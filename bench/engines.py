@@ -50,6 +50,17 @@ class Engine:
         return {"mlet": "mlet (ours)", "triton": "Triton Inference Server"}[self.name]
 
 
+def unmeasured_as_null(data):
+    """NaN (what a server at --url leaves unmeasured: its CPU and memory) as JSON null."""
+    if isinstance(data, float) and math.isnan(data):
+        return None
+    if isinstance(data, dict):
+        return {k: unmeasured_as_null(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [unmeasured_as_null(v) for v in data]
+    return data
+
+
 def engine_from_args(name: str, url: str | None, tritonserver: str | None) -> Engine:
     return Engine(name="url" if url else name, url=url, tritonserver=tritonserver)
 

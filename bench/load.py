@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.engines import Engine, running_engine
+from bench.engines import Engine, running_engine, unmeasured_as_null
 from bench.request_bodies import RequestFactory
 from mlet.files import write_json
 from mlet.markdown import markdown_table
@@ -251,7 +251,8 @@ def run_load(
     require_models(repo, models)
     out.mkdir(parents=True, exist_ok=True)
     summaries = [load_test_model(repo, m, config, out) for m in models]
-    write_json(out / "summary.json", {"config": asdict(config), "models": summaries})
+    summary = {"config": asdict(config), "models": summaries}
+    write_json(out / "summary.json", unmeasured_as_null(summary))
     (out / "summary.md").write_text(summary_markdown(summaries, config))
     return summaries
 

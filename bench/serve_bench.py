@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.engines import Engine
+from bench.engines import Engine, unmeasured_as_null
 from bench.inprocess import onnxruntime_model, time_batch
 from bench.load import LoadConfig, load_test_model
 from bench.request_bodies import RequestFactory
@@ -74,7 +74,7 @@ def run_serve_bench(
     summary = summarise(runs, inprocess)
     report = {"model": model, "config": asdict(config), "summary": summary, "runs": runs,
               "inprocess": inprocess}  # fmt: skip
-    write_json(out / "serve.json", report)
+    write_json(out / "serve.json", unmeasured_as_null(report))
     (out / "serve.md").write_text(serve_markdown(model, config, summary))
     return report
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.engines import Engine, running_engine
+from bench.engines import Engine, running_engine, unmeasured_as_null
 from bench.load import LoadConfig, load_step, warm_up
 from bench.stats import median_and_spread
 from mlet.files import write_json
@@ -110,7 +110,7 @@ def run_sweep(
 def run_sweep_command(repo: str | Path, models: list[str], config: SweepConfig, out: Path) -> Path:
     """`mlet bench load --sweep`: Locust's files under out/locust, the summaries in sweep.json."""
     path = out / "sweep.json"
-    write_json(path, run_sweep(repo, models, config, out / "locust"))
+    write_json(path, unmeasured_as_null(run_sweep(repo, models, config, out / "locust")))
     return path
 
 
