@@ -275,6 +275,10 @@ def add_serve(stages) -> None:
     batching.add_argument("--instances", type=int, help="batches run at once per model")
     batching.add_argument("--max-queue-rows", type=int, default=65536, help="503 above this")
     batching.add_argument(
+        "--inline-rows", type=int, default=64,
+        help="batches of at most this many rows run on the event loop, not a thread (0: none)",
+    )  # fmt: skip
+    batching.add_argument(
         "--request-timeout", type=float, default=10.0, help="seconds a request may wait (0: none)"
     )
     runtime = serve.add_argument_group("ONNX Runtime session")
@@ -351,6 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         instances=args.instances,
         max_queue_rows=args.max_queue_rows,
         timeout_s=args.request_timeout or None,
+        inline_rows=args.inline_rows,
     )
     if args.repo is None and not args.torch_run:
         raise ValueError("give a model repository (--repo) or a run (--torch-run NAME=RUN)")

@@ -47,10 +47,18 @@ class BatchingConfig:
     timeout_s: float | None = 10.0
     instances: int = 1  # batches that may run at once
     enabled: bool = True
+    # Batches of at most this many rows run on the event loop's own thread. Handing a batch
+    # to an instance thread and back costs two thread wake-ups, which on a small machine
+    # take longer than running a small batch (2 cores here: 0.2 to 0.8 ms per hand-off
+    # against 0.12 ms for a 1-row batch); larger batches go to the instance threads, so
+    # the loop keeps parsing while they run.
+    inline_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1 or self.instances < 1 or self.max_queue_rows < 1:
             raise ValueError("max_batch_rows, instances and max_queue_rows must be positive")
+        if self.inline_rows < 0:
+            raise ValueError("inline_rows must not be negative")
         if self.max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must not be negative")
 
@@ -246,9 +254,13 @@ class DynamicBatcher:
         started = time.monotonic()
         rows = sum(p.rows for p in batch)
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._merge_and_run, [p.inputs for p in batch]
-            )
+            requests = [p.inputs for p in batch]
+            if rows <= self.config.inline_rows:
+                outputs = self._merge_and_run(requests)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._merge_and_run, requests
+                )
             compute = time.monotonic() - started
             self._record(batch, rows, started, compute)
             offset = 0

@@ -59,6 +59,7 @@ class BatchingOverrides:
     instances: int | None = None
     max_queue_rows: int = 65536
     timeout_s: float | None = 10.0
+    inline_rows: int = 64  # batches this small run on the event loop (see BatchingConfig)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ def batching_config(
         timeout_s=overrides.timeout_s,
         instances=pick(overrides.instances, instances),
         enabled=pick(overrides.enabled, enabled),
+        inline_rows=overrides.inline_rows,
     )
 
 

@@ -220,3 +220,29 @@ def test_a_timeout_fires_while_every_instance_is_busy():
     batcher = run(scenario())
     assert batcher.stats.refused_timeout == 1
     assert recorder.batches == [1]
+
+
+def test_small_batches_run_on_the_event_loop_and_large_ones_on_an_instance_thread():
+    threads = []
+
+    def runtime(inputs):
+        threads.append((len(inputs["x"]), threading.current_thread().name))
+        return {"y": inputs["x"] * 2}
+
+    async def scenario():
+        config = BatchingConfig(max_batch_rows=64, max_queue_delay_s=0, inline_rows=4)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="instance")
+        batcher = DynamicBatcher(runtime, config, executor)
+        small, _ = await batcher.submit(rows(0, 4), 4)
+        large, _ = await batcher.submit(rows(0, 5), 5)
+        return small, large, threading.current_thread().name
+
+    small, large, loop_thread = run(scenario())
+    assert small["y"].ravel().tolist() == [0, 2, 4, 6] and len(large["y"]) == 5
+    assert threads[0] == (4, loop_thread)
+    assert threads[1][0] == 5 and threads[1][1].startswith("instance")
+
+
+def test_inline_rows_must_not_be_negative():
+    with pytest.raises(ValueError, match="inline_rows must not be negative"):
+        BatchingConfig(max_batch_rows=8, inline_rows=-1)
