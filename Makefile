@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean movielens
+.PHONY: demo test lint format clean movielens triton
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,26 @@ $(BROWSER):
 		echo "chromium and chromium-driver are missing: the HTML report test will skip"; \
 	fi
 
-test: $(STAMP) $(BROWSER)
+# Real Triton (serve/triton_engine.py) runs from an environment of its own; where the wheel
+# cannot install, the real-Triton tests skip and say why.
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+$(TRITON_STAMP): triton-requirements.txt
+	@test -d $(TRITON_VENV) || $(PYTHON) -m venv $(TRITON_VENV)
+	@if $(TRITON_VENV)/bin/pip install --quiet -r triton-requirements.txt; then touch $@; \
+	else echo "nvidia-pytriton did not install: the real-Triton tests will skip"; fi
+triton: $(TRITON_STAMP)
+
+# `mlet bench engines` drives the load with Debian's wrk, a compiled HTTP load generator.
+WRK := /usr/bin/wrk
+$(WRK):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	else \
+		echo "wrk is missing: mlet bench engines falls back to several Locust processes"; \
+	fi
+
+test: $(STAMP) $(BROWSER) $(TRITON_STAMP) $(WRK)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
@@ -47,4 +66,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf demo-out runs models results .pytest_cache
+	rm -rf demo-out runs models results .pytest_cache $(TRITON_VENV)

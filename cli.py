@@ -281,6 +281,7 @@ def add_serve(stages) -> None:
         help="execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider",
     )  # fmt: skip
     add_model_control_argument(serve)
+    serve_engine_options(serve)
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -341,6 +342,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     if args.repo is None and not args.torch_run:
         raise ValueError("give a model repository (--repo) or a run (--torch-run NAME=RUN)")
+    if args.engine == "triton":
+        return serve_with_triton(args, session)
     run_server(
         ServerConfig(
             repo=Path(args.repo) if args.repo else None,
@@ -432,6 +435,7 @@ def add_bench(stages) -> None:
     int8_mlp.add_argument("--out", required=True, help="results folder")
     int8_mlp.set_defaults(handler=cmd_bench_int8_mlp)
     add_bench_data(bench)
+    add_engine_commands(bench, [load, run, serve_bench])
 
 
 def model_options(command: argparse.ArgumentParser) -> None:
@@ -449,7 +453,8 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
         from bench.sweep import SweepConfig, run_sweep_command
 
         config = SweepConfig(duration=args.duration, repetitions=args.repetitions,
-                             locust_processes=args.locust_processes)  # fmt: skip
+                             locust_processes=args.locust_processes,
+                             engine=bench_engine(args))  # fmt: skip
         print(f"wrote {run_sweep_command(args.repo, args.models, config, Path(args.out))}")
         return
     from bench.load import LoadConfig, run_load
@@ -460,6 +465,7 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
         rows=args.rows,
         binary=args.binary,
         locust_processes=args.locust_processes,
+        engine=bench_engine(args),
     )
     run_load(args.repo, args.models, config, args.out)
     print((Path(args.out) / "summary.md").read_text())
@@ -486,6 +492,7 @@ def compare_config(args: argparse.Namespace):
         duration=args.duration,
         repetitions=args.repetitions,
         locust_processes=args.locust_processes,
+        engine=bench_engine(args),
     )
     return CompareConfig(
         micro=micro_config(args),
@@ -530,6 +537,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         large_users=args.large_users,
         duration=args.duration,
         repetitions=args.repetitions,
+        engine=bench_engine(args),
     )
     run_serve_bench(args.repo, args.model, config, args.out)
     print((Path(args.out) / "serve.md").read_text())
@@ -556,6 +564,72 @@ def cmd_bench_int8_mlp(args: argparse.Namespace) -> None:
 
     run_int8_mlp_bench(Path(args.repo), args.model, Path(args.out))
     print((Path(args.out) / "int8_mlp.md").read_text())
+
+
+# -- serving engines: ours or real Triton ------------------------------------------------
+
+ENGINE_HELP = "mlet (ours) or triton (real Triton Inference Server)"
+TRITONSERVER_HELP = "tritonserver binary (default: on PATH, else .venv-triton's)"
+
+
+def serve_engine_options(serve) -> None:
+    serve.add_argument("--engine", choices=["mlet", "triton"], default="mlet", help=ENGINE_HELP)
+    serve.add_argument("--tritonserver", help=TRITONSERVER_HELP)
+
+
+def serve_with_triton(args: argparse.Namespace, session) -> None:
+    from serve.triton_engine import TritonConfig, run_triton
+
+    if args.torch_run or not args.repo:
+        raise ValueError("--engine triton serves a model repository (--repo), not --torch-run")
+    overrides = (args.batching != "config", args.max_queue_delay_us, args.preferred_batch_sizes,
+                 args.instances)  # fmt: skip
+    if any(o not in (None, False) for o in overrides):
+        raise ValueError("batching options apply to --engine mlet; Triton batches as "
+                         "each model's config.pbtxt says")  # fmt: skip
+    config = TritonConfig(
+        repo=Path(args.repo), host=args.host, port=args.port, models=args.models,
+        tritonserver=Path(args.tritonserver) if args.tritonserver else None, session=session,
+    )  # fmt: skip
+    code = run_triton(config)
+    if code:
+        raise SystemExit(code)
+
+
+def add_engine_commands(bench, load_commands: list) -> None:
+    """--engine and --url on the load benchmarks; `mlet bench engines`."""
+    for command in load_commands:
+        serve_engine_options(command)
+        command.add_argument("--url", help="load an already running KServe v2 server instead")
+    engines = bench.add_parser("engines", help="our server and Triton, same model, same load")
+    engines.add_argument("--repo", required=True)
+    engines.add_argument("--model", required=True)
+    engines.add_argument("--engines", type=name_list, default=["mlet", "triton"])
+    engines.add_argument("--duration", type=float, default=20.0, help="seconds per load")
+    engines.add_argument("--connections", type=int, default=32)
+    engines.add_argument("--generator", choices=["auto", "wrk", "locust"], default="auto")
+    engines.add_argument("--locust-processes", type=int, default=2, help="without wrk")
+    engines.add_argument("--tritonserver", help=TRITONSERVER_HELP)
+    engines.add_argument("--out", required=True, help="results folder")
+    engines.set_defaults(handler=cmd_bench_engines)
+
+
+def bench_engine(args: argparse.Namespace):
+    from bench.engines import engine_from_args
+
+    return engine_from_args(args.engine, args.url, args.tritonserver)
+
+
+def cmd_bench_engines(args: argparse.Namespace) -> None:
+    from bench.engines import EnginesConfig, run_engines
+
+    config = EnginesConfig(
+        engines=tuple(args.engines), duration=args.duration, connections=args.connections,
+        generator=args.generator, locust_processes=args.locust_processes,
+        tritonserver=args.tritonserver,
+    )  # fmt: skip
+    run_engines(args.repo, args.model, config, args.out)
+    print((Path(args.out) / "engines.md").read_text())
 
 
 # -- demo ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.engines import unmeasured_as_null
 from bench.environment import environment
 from bench.micro import MicroConfig, Target, run_micro
 from bench.report import build_report
@@ -58,7 +59,8 @@ def run_comparison(
     if config.study is not None:
         write_json(out / "study.json", study_lines(config.study))
     write_json(out / "micro.json", run_micro(targets, config.micro))
-    write_json(out / "sweep.json", run_sweep(repo, models, config.sweep, out / "locust"))
+    sweep = run_sweep(repo, models, config.sweep, out / "locust")
+    write_json(out / "sweep.json", unmeasured_as_null(sweep))
     _, html_path = build_report(out)
     return html_path
 

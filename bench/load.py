@@ -18,15 +18,17 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.engines import Engine, running_engine, unmeasured_as_null
 from bench.request_bodies import RequestFactory
 from mlet.files import write_json
 from mlet.markdown import markdown_table
+from mlet.readiness import wait_until_ready
 from mlet.repository import open_model, require_models
 from mlet.spec import ExportSpec
 
@@ -47,6 +49,7 @@ class LoadConfig:
     locust_processes: int = 1  # more when the load generator itself saturates
     server_args: tuple[str, ...] = ()  # extra `mlet serve` options, e.g. ("--batching", "off")
     ready_timeout: float = 60.0
+    engine: Engine = field(default_factory=Engine)  # which server the load goes to
 
     def __post_init__(self) -> None:
         if self.users < 1 or self.rows < 1:
@@ -61,21 +64,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server at {url} was not ready within {timeout:.0f}s")
 
 
 @contextmanager
@@ -156,9 +144,13 @@ def children_cpu_seconds() -> float:
 
 
 def scrape_server_metrics(url: str, model: str) -> dict[str, float]:
-    """Sums and counts of the server's queue, compute and batch-rows histograms for a model."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    """Sums and counts of the server's queue, compute and batch-rows histograms for a model
+    (none from a server without our metrics, such as Triton)."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
     wanted = {"mlet_queue_duration_seconds", "mlet_compute_duration_seconds", "mlet_batch_rows"}
     values = {}
     for family in text_string_to_metric_families(text):
@@ -234,15 +226,16 @@ def warm_up(url: str, model: str, spec: ExportSpec, config: LoadConfig) -> None:
 
 def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
     manifest = open_model(repo / model).manifest
-    with running_server(repo, [model], *config.server_args, timeout=config.ready_timeout) as (
-        url,
-        server,
-    ):
+    engine = config.engine
+    with running_engine(
+        engine, repo, [model], *config.server_args, timeout=config.ready_timeout
+    ) as (url, server):
         rss_loaded = server.memory_info().rss
         warm_up(url, model, manifest.spec, config)
         step = load_step(url, server, model, repo / model, config, out / f"locust-{model}")
     return {
         "model": model,
+        "engine": engine.describe(),
         **step,
         "model_bytes": manifest.model_bytes,
         "embedding_bytes": manifest.embedding_bytes,
@@ -258,13 +251,15 @@ def run_load(
     require_models(repo, models)
     out.mkdir(parents=True, exist_ok=True)
     summaries = [load_test_model(repo, m, config, out) for m in models]
-    write_json(out / "summary.json", {"config": asdict(config), "models": summaries})
+    summary = {"config": asdict(config), "models": summaries}
+    write_json(out / "summary.json", unmeasured_as_null(summary))
     (out / "summary.md").write_text(summary_markdown(summaries, config))
     return summaries
 
 
 def summary_markdown(summaries: list[dict], config: LoadConfig) -> str:
     lines = [
+        f"Engine: {config.engine.describe()}. "
         f"Load: {config.users} users, {config.rows} row(s) per request, "
         f"{'binary' if config.binary else 'JSON'} tensors, {config.duration:g} s per model.",
         "",

@@ -454,6 +454,8 @@ def environment_lines(results: Results) -> list[str]:
 
 def markdown_report(results, summary, tables, plots) -> str:
     lines = [f"# Benchmark report: compressed against baseline ({results.baseline})", ""]
+    engines = sorted({s.get("engine", "mlet (ours)") for s in results.sweep})
+    lines += [f"Serving engine: {', '.join(engines)}.", ""]
     lines += [f"**{s}**" for s in summary] + [""]
     first_title = next(iter(tables))
     lines += [f"## {first_title}", "", markdown_table(*tables[first_title]), "", HEADLINE_NOTE, ""]

@@ -9,9 +9,10 @@ its spread, so slow drift of the machine hits every configuration alike.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.engines import Engine, unmeasured_as_null
 from bench.inprocess import onnxruntime_model, time_batch
 from bench.load import LoadConfig, load_test_model
 from bench.request_bodies import RequestFactory
@@ -28,6 +29,8 @@ class ServeBenchConfig:
     large_users: int = 32  # enough to keep the server busy: its capacity, not the client's
     duration: float = 15.0
     repetitions: int = 3
+    # Another engine's batching comes from config.pbtxt: only "on" is measured there.
+    engine: Engine = field(default_factory=Engine)
 
 
 def run_serve_bench(
@@ -35,20 +38,27 @@ def run_serve_bench(
 ) -> dict:
     repo, out = Path(repo), Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    ours, engine = config.engine.name == "mlet", config.engine
     scenarios = {
         "small_batching_on": LoadConfig(
-            users=config.small_users, duration=config.duration, server_args=("--batching", "on")
+            users=config.small_users, duration=config.duration, engine=engine,
+            server_args=("--batching", "on") if ours else (),
         ),
         "small_batching_off": LoadConfig(
-            users=config.small_users, duration=config.duration, server_args=("--batching", "off")
+            users=config.small_users, duration=config.duration, engine=engine,
+            server_args=("--batching", "off"),
         ),
         "large_binary": LoadConfig(
-            users=config.large_users, duration=config.duration, rows=config.large_rows, binary=True
+            users=config.large_users, duration=config.duration, rows=config.large_rows,
+            binary=True, engine=engine,
         ),
         "large_json": LoadConfig(
-            users=config.large_users, duration=config.duration, rows=config.large_rows
+            users=config.large_users, duration=config.duration, rows=config.large_rows,
+            engine=engine,
         ),
-    }
+    }  # fmt: skip
+    if not ours:
+        del scenarios["small_batching_off"]
     runs: dict[str, list[dict]] = {name: [] for name in scenarios}
     inprocess = []
     for repetition in range(config.repetitions):
@@ -64,13 +74,15 @@ def run_serve_bench(
     summary = summarise(runs, inprocess)
     report = {"model": model, "config": asdict(config), "summary": summary, "runs": runs,
               "inprocess": inprocess}  # fmt: skip
-    write_json(out / "serve.json", report)
+    write_json(out / "serve.json", unmeasured_as_null(report))
     (out / "serve.md").write_text(serve_markdown(model, config, summary))
     return report
 
 
 def summarise(runs: dict[str, list[dict]], inprocess: list[dict]) -> dict:
     def figure(name: str, key: str) -> dict:
+        if name not in runs:  # batching off is measured on our server only
+            return {"median": float("nan"), "spread": float("nan"), "noisy": False}
         return median_and_spread([r[key] for r in runs[name]])
 
     on_rps, off_rps = (
@@ -127,6 +139,8 @@ def serve_markdown(model: str, config: ServeBenchConfig, s: dict) -> str:
     return "\n".join(
         [
             f"# Serving benchmark: {model}",
+            "",
+            f"Engine: {config.engine.describe()}.",
             "",
             f"Median of {config.repetitions} interleaved repetitions of {config.duration:g} s "
             "(± is the spread, max - min over median). Load generator on the same machine.",

@@ -8,10 +8,11 @@ client's latency. Repetitions are interleaved across models.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.load import LoadConfig, load_step, running_server, warm_up
+from bench.engines import Engine, running_engine, unmeasured_as_null
+from bench.load import LoadConfig, load_step, warm_up
 from bench.stats import median_and_spread
 from mlet.files import write_json
 from mlet.repository import open_model
@@ -44,6 +45,7 @@ class SweepConfig:
     saturation_gain: float = 0.05  # a step that adds less throughput than this has saturated
     locust_processes: int = 1
     server_args: tuple[str, ...] = ()
+    engine: Engine = field(default_factory=Engine)
     reference_users: int = 16  # the 1-row step whose p99 the headline compares
 
 
@@ -63,7 +65,7 @@ def sweep_once(
     through the users `planned` per kind (those a first pass stepped through)."""
     spec = open_model(repo / model).manifest.spec
     curves = {}
-    with running_server(repo, [model], *config.server_args) as (url, server):
+    with running_engine(config.engine, repo, [model], *config.server_args) as (url, server):
         rss_loaded = server.memory_info().rss
         for kind in config.kinds:
             steps, previous = [], None
@@ -108,7 +110,7 @@ def run_sweep(
 def run_sweep_command(repo: str | Path, models: list[str], config: SweepConfig, out: Path) -> Path:
     """`mlet bench load --sweep`: Locust's files under out/locust, the summaries in sweep.json."""
     path = out / "sweep.json"
-    write_json(path, run_sweep(repo, models, config, out / "locust"))
+    write_json(path, unmeasured_as_null(run_sweep(repo, models, config, out / "locust")))
     return path
 
 
@@ -131,6 +133,7 @@ def summarise(repo: Path, model: str, runs: list[dict], config: SweepConfig) -> 
         curves[kind.name] = steps
     return {
         "model": model,
+        "engine": config.engine.describe(),
         "model_bytes": manifest.model_bytes,
         "embedding_bytes": manifest.embedding_bytes,
         "test_auc": manifest.test_auc,

@@ -182,10 +182,11 @@ def stage_variant(
     run: Run, base: str, variant: Variant, repo: Path, config: ExportConfig
 ) -> StagedVariant:
     name = model_name(base, variant.name)
-    staging = new_staging_directory(repo / name)
-    (staging / FIRST_VERSION).mkdir()
     # an engine serves the graph it was built from, with that graph's spec
     spec = variant_spec(run, config, variant.source or variant.name)
+    render_config(name, spec, variant.platform)  # refuse what Triton would, before any work
+    staging = new_staging_directory(repo / name)
+    (staging / FIRST_VERSION).mkdir()
     return StagedVariant(variant, name, repo / name, staging, spec)
 
 
@@ -243,9 +244,9 @@ def refuse_failures(staged) -> None:
 def finish_model(stage: StagedVariant, run: Run, seconds: float) -> tuple[Path, Path, Manifest]:
     """Write config.pbtxt and manifest.json into the staging folder: the manifest, once."""
     variant, check = stage.variant, stage.check
-    (stage.staging / CONFIG_FILE).write_text(
-        render_config(stage.name, stage.spec, variant.platform)
-    )
+    transform = run.model_config.dense_transform  # told to clients in config.pbtxt
+    config = render_config(stage.name, stage.spec, variant.platform, dense_transform=transform)
+    (stage.staging / CONFIG_FILE).write_text(config)
     copy_vocabularies(run.path, stage.staging)  # so that `mlet predict` can read raw rows
     files = file_entries(stage.staging)
     lowered = stage.lowered

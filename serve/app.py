@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from serve.dataplane import DataPlane
 from serve.http import Request, Response
 from serve.protocol import HEADER_LENGTH, InferenceError
+from serve.triton_json import served_model_config
 
 log = logging.getLogger("mlet.serve")
 SERVER_NAME = "mlet"
@@ -116,6 +117,9 @@ def create_app(plane: DataPlane) -> Router:
     async def model_ready(request: Request, model: str, version: str | None = None):
         return json_response({"name": plane.model(model, version).name, "ready": True})
 
+    async def model_config(request: Request, model: str, version: str | None = None):
+        return json_response(served_model_config(plane.model(model, version)))
+
     async def infer(request: Request, model: str, version: str | None = None) -> Response:
         content, headers = await plane.infer(model, version, request.body, header_length(request))
         content_type = headers.pop("content-type", "application/json")
@@ -149,6 +153,8 @@ def create_app(plane: DataPlane) -> Router:
     router.add("/v2/models/{model}/ready", model_ready)
     router.add("/v2/models/{model}/versions/{version}/ready", model_ready)
     router.add("/v2/models/{model}/stats", statistics)
+    router.add("/v2/models/{model}/config", model_config)
+    router.add("/v2/models/{model}/versions/{version}/config", model_config)
     router.add("/v2/repository/index", repository_index, ("GET", "POST"))
     router.add("/v2/repository/models/{model}/load", repository_load, ("POST",))
     router.add("/v2/repository/models/{model}/unload", repository_unload, ("POST",))

@@ -1,0 +1,342 @@
+"""Load tests against any serving engine, and `mlet bench engines`: ours and Triton, same load.
+
+An engine is our server (`mlet`), real Triton (`triton`, serve/triton_engine.py) or any
+KServe v2 server already running at a URL. `mlet bench engines` serves one model with each
+engine in turn and drives both with the same request bodies, the same connections and the
+same duration: 1-row JSON requests, then 256-row binary ones. The load generator is wrk
+(compiled, event-driven; `make test` installs Debian's package) or, where wrk is missing,
+several Locust processes. Its CPU is reported beside the server's, so that a reader sees
+whether the generator or the server was the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+
+from bench.environment import environment
+from bench.request_bodies import RequestFactory
+from mlet.files import write_json
+from mlet.repository import open_model
+
+ENGINES = ("mlet", "triton")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Which server a load test runs against: started here (mlet, triton) or at `url`."""
+
+    name: str = "mlet"
+    url: str | None = None
+    tritonserver: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is None and self.name not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.name!r}")
+
+    def describe(self) -> str:
+        if self.url is not None:
+            return f"server at {self.url}"
+        return {"mlet": "mlet (ours)", "triton": "Triton Inference Server"}[self.name]
+
+
+def unmeasured_as_null(data):
+    """NaN (what a server at --url leaves unmeasured: its CPU and memory) as JSON null."""
+    if isinstance(data, float) and math.isnan(data):
+        return None
+    if isinstance(data, dict):
+        return {k: unmeasured_as_null(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [unmeasured_as_null(v) for v in data]
+    return data
+
+
+def engine_from_args(name: str, url: str | None, tritonserver: str | None) -> Engine:
+    return Engine(name="url" if url else name, url=url, tritonserver=tritonserver)
+
+
+class ProcessTree:
+    """A server process and its children (Triton's Python backend stubs), measured together."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.root = psutil.Process(pid) if pid is not None else None
+
+    def processes(self) -> list[psutil.Process]:
+        if self.root is None:
+            return []
+        return [self.root, *self.root.children(recursive=True)]
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) seconds; NaN for a server not started here."""
+        if self.root is None:
+            return math.nan, math.nan
+        times = [p.cpu_times() for p in self.processes()]
+        return sum(t.user for t in times), sum(t.system for t in times)
+
+    def memory_info(self) -> SimpleNamespace:
+        """Resident bytes of the tree (a page shared by two processes counts twice)."""
+        if self.root is None:
+            return SimpleNamespace(rss=math.nan)
+        return SimpleNamespace(rss=sum(p.memory_info().rss for p in self.processes()))
+
+
+@contextmanager
+def running_engine(
+    engine: Engine, repo: Path, models: list[str], *options: str, timeout=60.0, log=None
+):
+    """Yields (url, ProcessTree) of a server for `models`; stops what it started.
+
+    `log`: where Triton's output goes (default: a temporary file).
+    """
+    if engine.url is not None:
+        yield engine.url.rstrip("/"), ProcessTree(None)
+        return
+    if engine.name == "mlet":
+        from bench.load import running_server
+
+        with running_server(repo, models, *options, timeout=timeout) as (url, server):
+            yield url, ProcessTree(server.pid)
+        return
+    if options:
+        raise ValueError(f"server options {list(options)} apply to --engine mlet only")
+    from bench.load import free_port
+    from serve.triton_engine import TritonConfig, running_triton
+
+    config = TritonConfig(
+        repo=Path(repo),
+        port=free_port(),
+        models=models,
+        tritonserver=Path(engine.tritonserver) if engine.tritonserver else None,
+        ready_timeout_s=max(timeout, 120.0),
+    )
+    with (
+        tempfile.NamedTemporaryFile(prefix="triton-", suffix=".log") as scratch,
+        running_triton(config, Path(log or scratch.name)) as server,
+    ):
+        yield server.url, ProcessTree(server.process.pid)
+
+
+# -- load generators ----------------------------------------------------------------------
+
+WRK_SCRIPT = """
+local requests, n = {}, 0
+init = function(args)
+  for i, headers in ipairs(HEADERS) do
+    local f = assert(io.open(DIR .. "/body-" .. i, "rb"))
+    requests[i] = wrk.format("POST", PATH, headers, f:read("*a"))
+    f:close()
+  end
+end
+request = function()
+  n = n % #requests + 1
+  return requests[n]
+end
+done = function(summary, latency, _)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "errors": %d, "p50_us": %d, "p99_us": %d, '
+    .. '"mean_us": %.1f, "max_us": %d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean, latency.max))
+end
+"""
+
+
+def wrk_missing_reason() -> str | None:
+    if shutil.which("wrk") is None:
+        return "wrk is not installed (Debian: apt-get install wrk; `make test` does it as root)"
+    return None
+
+
+def lua_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string of ASCII text is a valid Lua string literal
+
+
+def write_wrk_script(folder: Path, path: str, bodies: list[tuple[bytes, dict]]) -> Path:
+    headers = []
+    for i, (body, head) in enumerate(bodies, start=1):
+        (folder / f"body-{i}").write_bytes(body)
+        pairs = ", ".join(f"[{lua_string(k)}] = {lua_string(v)}" for k, v in head.items())
+        headers.append(f"{{{pairs}}}")
+    script = folder / "load.lua"
+    script.write_text(
+        f"DIR = {lua_string(str(folder))}\nPATH = {lua_string(path)}\n"
+        f"HEADERS = {{{', '.join(headers)}}}\n{WRK_SCRIPT}"
+    )
+    return script
+
+
+def run_wrk(url: str, path: str, bodies: list, connections: int, duration: float) -> dict:
+    """wrk against url+path, cycling through the bodies; figures from its Lua summary."""
+    with tempfile.TemporaryDirectory(prefix="mlet-wrk-") as folder:
+        script = write_wrk_script(Path(folder), path, bodies)
+        command = ["wrk", "-t", str(min(2, connections)), "-c", str(connections)]
+        command += ["-d", f"{duration:g}s", "--timeout", "10s", "-s", str(script), url]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
+    line = next((x for x in result.stdout.splitlines() if x.startswith("{")), None)
+    if result.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {result.returncode}): {result.stderr[-1000:]}")
+    figures = json.loads(line)
+    seconds = figures["duration_us"] / 1e6
+    return {
+        "requests": figures["requests"],
+        "failures": figures["errors"],
+        "requests_per_s": figures["requests"] / seconds,
+        "p50_ms": figures["p50_us"] / 1000,
+        "p99_ms": figures["p99_us"] / 1000,
+        "mean_ms": figures["mean_us"] / 1000,
+        "max_ms": figures["max_us"] / 1000,
+    }
+
+
+def run_locust_load(url, model, folder: Path, rows, binary, config, out: Path) -> dict:
+    from bench.load import LoadConfig, read_locust_stats, run_locust
+
+    load = LoadConfig(
+        users=config.connections,
+        duration=config.duration,
+        rows=rows,
+        binary=binary,
+        locust_processes=config.locust_processes,
+    )
+    prefix = out / f"locust-{model}-{rows}"
+    run_locust(url, model, folder, load, prefix)
+    return read_locust_stats(prefix)
+
+
+# -- mlet bench engines -------------------------------------------------------------------
+
+
+@dataclass
+class EnginesConfig:
+    engines: tuple[str, ...] = ENGINES
+    duration: float = 20.0  # seconds per load
+    connections: int = 32
+    loads: tuple[tuple[int, bool], ...] = ((1, False), (256, True))  # (rows, binary)
+    generator: str = "auto"  # wrk | locust | auto (wrk where installed)
+    locust_processes: int = 2
+    pool: int = 64  # distinct request bodies per load, the same for every engine
+    tritonserver: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.engines if e not in ENGINES]
+        if unknown or not self.engines:
+            raise ValueError(f"engines must be among {ENGINES}, got {list(self.engines)}")
+        if self.generator not in ("auto", "wrk", "locust"):
+            raise ValueError(f"generator must be auto, wrk or locust, got {self.generator!r}")
+        if self.duration < 2 or self.connections < 1:
+            raise ValueError("duration must be at least 2 s and connections positive")
+
+    def chosen_generator(self) -> str:
+        if self.generator == "auto":
+            return "wrk" if wrk_missing_reason() is None else "locust"
+        if self.generator == "wrk" and wrk_missing_reason() is not None:
+            raise RuntimeError(wrk_missing_reason())
+        return self.generator
+
+
+def children_cpu_seconds() -> float:
+    from bench.load import children_cpu_seconds as seconds
+
+    return seconds()
+
+
+def measure_load(url, server: ProcessTree, model, folder, rows, binary, bodies, config, out):
+    """One load against a running engine, with both sides' CPU and the server's memory."""
+    generator = config.chosen_generator()
+    server_cpu, client_cpu = sum(server.cpu_times()), children_cpu_seconds()
+    started = time.monotonic()
+    if generator == "wrk":
+        path = f"/v2/models/{model}/infer"
+        stats = run_wrk(url, path, bodies, config.connections, config.duration)
+    else:
+        stats = run_locust_load(url, model, folder, rows, binary, config, out)
+    elapsed = time.monotonic() - started
+    return {
+        **stats,
+        "rows_per_request": rows,
+        "encoding": "binary" if binary else "JSON",
+        "rows_per_s": stats["requests_per_s"] * rows,
+        "server_cpu_cores": (sum(server.cpu_times()) - server_cpu) / elapsed,
+        "client_cpu_cores": (children_cpu_seconds() - client_cpu) / elapsed,
+        "server_rss_bytes": server.memory_info().rss,
+        "generator": generator,
+    }
+
+
+def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | Path) -> dict:
+    """Each engine in turn on the same model and the same loads; writes engines.json/.md."""
+    from bench.load import LoadConfig, warm_up
+
+    repo, out = Path(repo), Path(out)
+    spec = open_model(repo / model).manifest.spec
+    factory = RequestFactory(spec, seed=7)
+    bodies = {
+        load: [factory.body(*load) for _ in range(config.pool)] for load in config.loads
+    }  # drawn once: every engine gets the very same requests
+    out.mkdir(parents=True, exist_ok=True)
+    generator_note = ""
+    if config.chosen_generator() == "locust":
+        missing = wrk_missing_reason()
+        generator_note = f"{missing}: {config.locust_processes} Locust processes generate the load"
+        print(generator_note if missing else "load generator: Locust (as asked)", flush=True)
+    results = []
+    for name in config.engines:
+        engine = Engine(name=name, tritonserver=config.tritonserver)
+        log = out / f"{name}.log" if name == "triton" else None  # its backends, its loads
+        with running_engine(engine, repo, [model], timeout=120.0, log=log) as (url, server):
+            rss_loaded = server.memory_info().rss
+            for rows, binary in config.loads:
+                warm_up(url, model, spec, LoadConfig(rows=rows, binary=binary))
+                figures = measure_load(
+                    url, server, model, repo / model, rows, binary,
+                    bodies[(rows, binary)], config, out,
+                )  # fmt: skip
+                results.append({"engine": name, "server_rss_loaded_bytes": rss_loaded, **figures})
+    summary = {
+        "model": model,
+        "config": asdict(config),
+        "environment": environment({"engines": str(config)}),
+        "generator_note": generator_note,
+        "results": results,
+    }
+    write_json(out / "engines.json", summary)
+    (out / "engines.md").write_text(engines_markdown(model, config, results, generator_note))
+    return summary
+
+
+def engines_markdown(model: str, config: EnginesConfig, results: list[dict], note="") -> str:
+    generator = results[0]["generator"] if results else config.generator
+    lines = [
+        f"Engines on {model}: {config.connections} connections, {config.duration:g} s per load, "
+        f"load generator {generator}, one engine at a time, same request bodies.",
+        "",
+        "| engine | load | requests/s | rows/s | p50 ms | p99 ms | failures "
+        "| server CPU cores | server RSS MiB | client CPU cores |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['engine']} | {r['rows_per_request']}-row {r['encoding']} "
+            f"| {r['requests_per_s']:,.0f} | {r['rows_per_s']:,.0f} | {r['p50_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} | {r['failures']} | {r['server_cpu_cores']:.2f} "
+            f"| {r['server_rss_bytes'] / 2**20:.0f} | {r['client_cpu_cores']:.2f} |"
+        )
+    lines += [
+        "",
+        "Server CPU and memory cover the server process and its children (Triton's Python "
+        "backend stubs); client CPU is the load generator's. Near the machine's core count "
+        "together, the machine was the limit.",
+        *([f"Note: {note}."] if note else []),
+    ]
+    return "\n".join(lines) + "\n"
