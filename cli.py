@@ -610,6 +610,9 @@ def add_engine_commands(bench, load_commands: list) -> None:
     engines.add_argument("--generator", choices=["auto", "wrk", "locust"], default="auto")
     engines.add_argument("--locust-processes", type=int, default=2, help="without wrk")
     engines.add_argument("--tritonserver", help=TRITONSERVER_HELP)
+    engines.add_argument(
+        "--no-batching-off", action="store_true", help="skip our server with batching off"
+    )
     engines.add_argument("--out", required=True, help="results folder")
     engines.set_defaults(handler=cmd_bench_engines)
 
@@ -626,7 +629,7 @@ def cmd_bench_engines(args: argparse.Namespace) -> None:
     config = EnginesConfig(
         engines=tuple(args.engines), duration=args.duration, connections=args.connections,
         generator=args.generator, locust_processes=args.locust_processes,
-        tritonserver=args.tritonserver,
+        tritonserver=args.tritonserver, batching_off=not args.no_batching_off,
     )  # fmt: skip
     run_engines(args.repo, args.model, config, args.out)
     print((Path(args.out) / "engines.md").read_text())

@@ -227,6 +227,8 @@ class EnginesConfig:
     locust_processes: int = 2
     pool: int = 64  # distinct request bodies per load, the same for every engine
     tritonserver: str | None = None
+    # Our server once more with batching off, on the 1-row load: what batching buys.
+    batching_off: bool = True
 
     def __post_init__(self) -> None:
         unknown = [e for e in self.engines if e not in ENGINES]
@@ -290,32 +292,102 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
         missing = wrk_missing_reason()
         generator_note = f"{missing}: {config.locust_processes} Locust processes generate the load"
         print(generator_note if missing else "load generator: Locust (as asked)", flush=True)
+    runs = [(name, name, (), config.loads) for name in config.engines]
+    if config.batching_off and "mlet" in config.engines:
+        small = tuple(load for load in config.loads if load[0] == 1)
+        runs.append(("mlet", "mlet, batching off", ("--batching", "off"), small))
     results = []
-    for name in config.engines:
+    for name, label, options, loads in runs:
         engine = Engine(name=name, tritonserver=config.tritonserver)
         log = out / f"{name}.log" if name == "triton" else None  # its backends, its loads
-        with running_engine(engine, repo, [model], timeout=120.0, log=log) as (url, server):
+        with running_engine(engine, repo, [model], *options, timeout=120.0, log=log) as (
+            url,
+            server,
+        ):
             rss_loaded = server.memory_info().rss
-            for rows, binary in config.loads:
+            for rows, binary in loads:
                 warm_up(url, model, spec, LoadConfig(rows=rows, binary=binary))
                 figures = measure_load(
                     url, server, model, repo / model, rows, binary,
                     bodies[(rows, binary)], config, out,
                 )  # fmt: skip
-                results.append({"engine": name, "server_rss_loaded_bytes": rss_loaded, **figures})
+                results.append({"engine": label, "server_rss_loaded_bytes": rss_loaded, **figures})
+    largest = max(rows for rows, _ in config.loads)
+    ceiling = inprocess_ceiling(repo / model, largest)
     summary = {
         "model": model,
         "config": asdict(config),
         "environment": environment({"engines": str(config)}),
         "generator_note": generator_note,
         "results": results,
+        "inprocess": ceiling,
+        "goals": goal_ratios(results, ceiling),
     }
     write_json(out / "engines.json", summary)
-    (out / "engines.md").write_text(engines_markdown(model, config, results, generator_note))
+    (out / "engines.md").write_text(
+        engines_markdown(model, config, results, generator_note, summary)
+    )
     return summary
 
 
-def engines_markdown(model: str, config: EnginesConfig, results: list[dict], note="") -> str:
+def inprocess_ceiling(model_folder: Path, rows: int) -> dict:
+    """ONNX Runtime in this process at `rows` per call, with the server's session options:
+    the same session as the server's, without HTTP, decoding or batching."""
+    from bench.inprocess import onnxruntime_model, time_batch
+    from mlet.runtime import SessionOptions
+
+    runner, spec = onnxruntime_model(model_folder, SessionOptions())
+    return asdict(time_batch(runner, RequestFactory(spec), rows, min_iterations=200))
+
+
+def goal_ratios(results: list[dict], ceiling: dict) -> dict:
+    """Ours against Triton, batching on against off, and ours against in-process ONNX
+    Runtime, from the results of one run (None where a side was not measured)."""
+
+    def figure(engine: str, rows: int, key: str) -> float | None:
+        found = [r[key] for r in results if r["engine"] == engine and r["rows_per_request"] == rows]
+        return found[0] if found else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    largest = ceiling["batch"]
+    return {
+        "requests_ours_over_triton_1row": ratio(
+            figure("mlet", 1, "requests_per_s"), figure("triton", 1, "requests_per_s")
+        ),
+        "p99_ours_over_triton_1row": ratio(
+            figure("mlet", 1, "p99_ms"), figure("triton", 1, "p99_ms")
+        ),
+        "rows_ours_over_triton_batched": ratio(
+            figure("mlet", largest, "rows_per_s"), figure("triton", largest, "rows_per_s")
+        ),
+        "rows_ours_over_inprocess_batched": ratio(
+            figure("mlet", largest, "rows_per_s"), ceiling["rows_per_s"]
+        ),
+        "requests_batching_on_over_off_1row": ratio(
+            figure("mlet", 1, "requests_per_s"), figure("mlet, batching off", 1, "requests_per_s")
+        ),
+        "p99_batching_on_over_off_1row": ratio(
+            figure("mlet", 1, "p99_ms"), figure("mlet, batching off", 1, "p99_ms")
+        ),
+    }
+
+
+GOAL_LINES = {
+    "requests_ours_over_triton_1row": "1-row JSON requests/s, ours / Triton (goal >= 1)",
+    "p99_ours_over_triton_1row": "1-row JSON p99, ours / Triton (goal <= 1)",
+    "rows_ours_over_triton_batched": "batched rows/s, ours / Triton (goal >= 1)",
+    "rows_ours_over_inprocess_batched": "batched rows/s, ours / in-process ONNX Runtime "
+    "(goal >= 0.8)",
+    "requests_batching_on_over_off_1row": "1-row requests/s, batching on / off (goal >= 2)",
+    "p99_batching_on_over_off_1row": "1-row p99, batching on / off (goal <= 1)",
+}
+
+
+def engines_markdown(
+    model: str, config: EnginesConfig, results: list[dict], note="", summary: dict | None = None
+) -> str:
     generator = results[0]["generator"] if results else config.generator
     lines = [
         f"Engines on {model}: {config.connections} connections, {config.duration:g} s per load, "
@@ -339,4 +411,17 @@ def engines_markdown(model: str, config: EnginesConfig, results: list[dict], not
         "together, the machine was the limit.",
         *([f"Note: {note}."] if note else []),
     ]
+    if summary is not None:
+        ceiling = summary["inprocess"]
+        lines += [
+            "",
+            f"In-process ONNX Runtime, batch {ceiling['batch']}, the server's session options: "
+            f"{ceiling['rows_per_s']:,.0f} rows/s (p50 {ceiling['p50_ms']:.2f} ms).",
+            "",
+            *(
+                f"- {text}: {'-' if value is None else f'{value:.2f}'}"
+                for key, text in GOAL_LINES.items()
+                for value in [summary["goals"][key]]
+            ),
+        ]
     return "\n".join(lines) + "\n"

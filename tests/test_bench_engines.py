@@ -22,7 +22,7 @@ def test_bench_engines_short_run(tiny_repo, tmp_path):
     results = summary["results"]
     assert [(r["engine"], r["rows_per_request"], r["encoding"]) for r in results] == [
         (e, rows, kind) for e in engines for rows, kind in ((1, "JSON"), (256, "binary"))
-    ]
+    ] + [("mlet, batching off", 1, "JSON")]
     for r in results:
         assert r["requests"] > 0 and r["failures"] == 0, r
         assert r["rows_per_s"] == pytest.approx(r["requests_per_s"] * r["rows_per_request"])
@@ -32,6 +32,17 @@ def test_bench_engines_short_run(tiny_repo, tmp_path):
         assert r["generator"] == ("locust" if wrk_missing_reason() else "wrk")
     table = (tmp_path / "engines.md").read_text()
     assert all(f"| {e} | 1-row JSON |" in table for e in engines)
+    # the goals of one run: ratios of figures measured side by side, and the ceiling
+    ceiling, goals = summary["inprocess"], summary["goals"]
+    assert ceiling["batch"] == 256 and ceiling["rows_per_s"] > 0
+    ours = {(r["engine"], r["rows_per_request"]): r for r in results}
+    assert goals["requests_batching_on_over_off_1row"] == pytest.approx(
+        ours[("mlet", 1)]["requests_per_s"] / ours[("mlet, batching off", 1)]["requests_per_s"]
+    )
+    assert goals["rows_ours_over_inprocess_batched"] == pytest.approx(
+        ours[("mlet", 256)]["rows_per_s"] / ceiling["rows_per_s"]
+    )
+    assert "batched rows/s, ours / in-process ONNX Runtime (goal >= 0.8)" in table
     if TRITON:
         pytest.skip(f"Triton half not run: {TRITON}")
     assert "successfully loaded 'mlet'" in (tmp_path / "triton.log").read_text()
@@ -57,8 +68,9 @@ def test_bench_load_engine_triton(tiny_repo, tmp_path):
 def test_bench_engines_with_locust_processes(tiny_repo, tmp_path):
     """The generator where wrk is missing: several Locust processes, the same figures."""
     config = EnginesConfig(
-        engines=("mlet",), duration=2, connections=4, loads=((1, False),), generator="locust"
-    )
+        engines=("mlet",), duration=2, connections=4, loads=((1, False),), generator="locust",
+        batching_off=False,
+    )  # fmt: skip
     (result,) = run_engines(tiny_repo, "mlet", config, tmp_path)["results"]
     assert result["generator"] == "locust" and result["failures"] == 0
     assert result["requests"] > 0 and result["client_cpu_cores"] > 0
