@@ -107,11 +107,19 @@ def mlp(widths: list[int], final_activation: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def bottom_mlp(config: DLRMConfig) -> nn.Sequential:
+    """Dense features -> D."""
+    return mlp([config.num_dense, *config.bottom_mlp, config.dim], final_activation=True)
+
+
+def top_mlp(config: DLRMConfig) -> nn.Sequential:
+    """The embedding and the pairwise interactions -> one logit."""
+    return mlp([config.dim + config.num_interactions, *config.top_mlp, 1], final_activation=False)
+
+
 def build_mlps(config: DLRMConfig) -> tuple[nn.Sequential, nn.Sequential]:
-    """The bottom MLP (dense features -> D) and the top MLP (interactions -> one logit)."""
-    bottom = mlp([config.num_dense, *config.bottom_mlp, config.dim], final_activation=True)
-    top = mlp([config.dim + config.num_interactions, *config.top_mlp, 1], final_activation=False)
-    return bottom, top
+    """The bottom and the top MLP, built in that order."""
+    return bottom_mlp(config), top_mlp(config)
 
 
 def table_key(index: int, part: str) -> str:
@@ -124,8 +132,10 @@ class DLRM(nn.Module):
     def __init__(self, config: DLRMConfig, sparse: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.bottom, self.top = build_mlps(config)
+        # built in this order, so that a seed gives the same initial weights as ever
+        self.bottom = bottom_mlp(config)
         self.embeddings = EmbeddingCollection(list(config.tables), sparse=sparse)
+        self.top = top_mlp(config)
         # Strictly lower triangle of the (T+1) x (T+1) dot matrix, flattened, so that the
         # exported graph selects it with one plain Gather.
         rows, cols = torch.tril_indices(len(config.tables) + 1, len(config.tables) + 1, -1)

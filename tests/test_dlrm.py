@@ -43,3 +43,24 @@ def test_config_round_trip_and_validation():
         build_config(3, [4], "full", dim=2, hidden=8)
     with pytest.raises(ValueError, match="embedding must be one of"):
         build_config(3, [4], "tt", dim=2)
+
+
+def test_a_seed_initialises_bottom_mlp_then_tables_then_top_mlp():
+    """Runs trained before and after a refactor start from the same weights for a seed."""
+    from mlet.dlrm import bottom_mlp, top_mlp
+    from mlet.embeddings import EmbeddingCollection
+
+    config = build_config(13, [30, 5, 200], "mlet", 4, 16)
+    torch.manual_seed(0)
+    model = DLRM(config)
+    torch.manual_seed(0)
+    expected = {}
+    for prefix, module in (
+        ("bottom.", bottom_mlp(config)),
+        ("embeddings.", EmbeddingCollection(list(config.tables))),
+        ("top.", top_mlp(config)),
+    ):
+        expected |= {prefix + k: v for k, v in module.state_dict().items()}
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
