@@ -321,8 +321,12 @@ class DataPlane:
         return limit, f"the bound for model '{name}' (max batch {spec.max_batch_size})"
 
     async def _decode(self, handle: ModelHandle, body: bytes, header_length: int | None):
-        """Parse and validate a request; a large one on a decode thread."""
-        if len(body) <= DECODE_INLINE_BYTES:
+        """Parse and validate a request; one with a large JSON part on a decode thread.
+
+        Binary tensors are read in place (np.frombuffer), so only the JSON part counts: a
+        thread hand-off would cost more than reading a binary request of any size."""
+        json_bytes = len(body) if header_length is None else min(header_length, len(body))
+        if json_bytes <= DECODE_INLINE_BYTES:
             return decode_and_validate(handle.spec, body, header_length)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(

@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 import serve.dataplane as dataplane
+from bench.request_bodies import HEADER_LENGTH, encode_inputs
 from serve.dataplane import DataPlane, PlaneConfig
 from serve.protocol import InferenceError
 
@@ -208,14 +209,20 @@ def test_large_bodies_are_decoded_on_a_decode_thread(tiny_repo, tmp_path, monkey
     monkeypatch.setattr(dataplane, "DECODE_INLINE_BYTES", 4096)  # the tiny model's bodies
     small, large = json_body(spec, 1), json_body(spec, 256)
     assert len(small) <= dataplane.DECODE_INLINE_BYTES < len(large)
+    inputs = spec.random_inputs(256, np.random.default_rng(0))
+    binary, headers = encode_inputs(spec, inputs, binary=True)
+    header_length = int(headers[HEADER_LENGTH])
+    assert header_length <= dataplane.DECODE_INLINE_BYTES < len(binary)
 
     async def scenario():
-        for body in (small, large):
-            await plane.infer("full", None, body, None)
+        for body, length in ((small, None), (large, None), (binary, header_length)):
+            await plane.infer("full", None, body, length)
         await plane.close()
 
     asyncio.run(scenario())
     assert threads[0] == "MainThread" and threads[1].startswith("decode")
+    # binary tensors are read in place: only a large JSON part goes to a decode thread
+    assert threads[2] == "MainThread"
 
 
 def test_the_body_bound_follows_the_models_max_batch(tiny_repo, tmp_path):
