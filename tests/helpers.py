@@ -25,3 +25,15 @@ def lower_to_onnx(
 ) -> LoweredModel:
     """Write `path` (and its external data file when large) for a model in memory, collapsed."""
     return lower_variants(MemoryWeights(model), spec, {variant: Path(path)}, options)[variant]
+
+
+def tritonclient_inputs(inputs: dict, binary: bool = True) -> list:
+    """tritonclient.http inputs for `dense` and `sparse` (binary: the client's default)."""
+    import tritonclient.http as httpclient
+
+    request = []
+    for name, datatype in (("dense", "FP32"), ("sparse", "INT64")):
+        tensor = httpclient.InferInput(name, list(inputs[name].shape), datatype)
+        tensor.set_data_from_numpy(inputs[name], binary_data=binary)
+        request.append(tensor)
+    return request

@@ -12,6 +12,7 @@ import tritonclient.http as httpclient
 from bench.load import running_server
 from cli import build_parser
 from mlet.spec import ExportSpec
+from tests.helpers import tritonclient_inputs
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +52,10 @@ def test_health_and_metadata(client):
 @pytest.mark.parametrize("model", ["full", "mlet"])
 def test_tritonclient_gets_the_in_process_numbers(client, tiny_repo, model, binary):
     inputs = spec_of(tiny_repo, model).random_inputs(17, np.random.default_rng(4))
-    request = []
-    for name, datatype in (("dense", "FP32"), ("sparse", "INT64")):
-        tensor = httpclient.InferInput(name, list(inputs[name].shape), datatype)
-        tensor.set_data_from_numpy(inputs[name], binary_data=binary)
-        request.append(tensor)
     outputs = [httpclient.InferRequestedOutput("probability", binary_data=binary)]
-    result = client.infer(model, request, outputs=outputs, request_id="r1")
+    result = client.infer(
+        model, tritonclient_inputs(inputs, binary), outputs=outputs, request_id="r1"
+    )
     assert result.get_response()["id"] == "r1"
     np.testing.assert_allclose(
         result.as_numpy("probability"), in_process(tiny_repo, model, inputs), rtol=0, atol=1e-6
@@ -66,12 +64,7 @@ def test_tritonclient_gets_the_in_process_numbers(client, tiny_repo, model, bina
 
 def test_default_binary_client_without_outputs(client, tiny_repo):
     inputs = spec_of(tiny_repo, "full").random_inputs(3, np.random.default_rng(5))
-    request = []
-    for name, datatype in (("dense", "FP32"), ("sparse", "INT64")):
-        tensor = httpclient.InferInput(name, list(inputs[name].shape), datatype)
-        tensor.set_data_from_numpy(inputs[name])
-        request.append(tensor)
-    result = client.infer("full", request)
+    result = client.infer("full", tritonclient_inputs(inputs))
     np.testing.assert_allclose(
         result.as_numpy("probability"), in_process(tiny_repo, "full", inputs), atol=1e-6
     )

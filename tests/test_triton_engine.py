@@ -22,6 +22,7 @@ from export.triton_config import TABLE_ROWS_PARAMETER, check_triton_config
 from mlet.repository import open_model
 from mlet.spec import ExportSpec
 from serve.triton_engine import TritonConfig, running_triton, unavailable_reason
+from tests.helpers import tritonclient_inputs
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no Triton here: {REASON}")
@@ -64,12 +65,8 @@ def spec_of(repo: Path, name: str) -> ExportSpec:
 
 
 def infer(client, model: str, inputs: dict, binary: bool) -> np.ndarray:
-    request = []
-    for name, datatype in (("dense", "FP32"), ("sparse", "INT64")):
-        tensor = httpclient.InferInput(name, list(inputs[name].shape), datatype)
-        tensor.set_data_from_numpy(inputs[name], binary_data=binary)
-        request.append(tensor)
     outputs = [httpclient.InferRequestedOutput("probability", binary_data=binary)]
+    request = tritonclient_inputs(inputs, binary)
     return client.infer(model, request, outputs=outputs).as_numpy("probability")
 
 
