@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import httptools
+import orjson
 
 log = logging.getLogger("mlet.serve")
 
@@ -83,8 +84,6 @@ BodyLimit = Callable[[str], tuple[int, str]]
 
 
 def error_body(message: str) -> bytes:
-    import orjson
-
     return orjson.dumps({"error": message})
 
 
