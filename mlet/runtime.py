@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,8 +57,6 @@ class SessionOptions:
 
     def on(self, provider: str) -> SessionOptions:
         """The same settings on one execution provider (CPU as the fallback for CUDA)."""
-        from dataclasses import replace
-
         return replace(self, providers=(provider, CPU) if provider != CPU else (CPU,))
 
 
