@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from mlet.data.encoding import OOV_ID
+from mlet.data.encoding import OOV_ID, present_slots
 from mlet.data.formats import check_columns, file_columns, first_line, is_parquet, read_batches
 from mlet.data.transform import TRANSFORM_FILE, Transform, load_transform
 from mlet.repository import OpenedModel, open_model
@@ -156,13 +156,13 @@ def predict_files(
             line = 1 + (1 if transform.fmt.header else 0)
             for batch in read_batches(path, transform.fmt):
                 features = transform.features(batch, str(path), line)
-                ids = transform.encode(features.keys, features.missing)
+                ids = transform.encode(features.keys)
                 probability = score_in_requests(score, features.dense, ids, config.request_rows)
                 columns = {"row": np.arange(rows, rows + batch.num_rows)}
                 if has_label:
                     columns["label"] = features.labels
                 writer.write(pa.table(columns | {"probability": probability}))
-                present_values = ~features.missing.transpose(1, 0, 2)  # [B, T, H]
+                present_values = present_slots(features.keys)  # [B, T, H]
                 present += int(present_values.sum())
                 oov += int(((ids.reshape(present_values.shape) == OOV_ID) & present_values).sum())
                 rows, line = rows + batch.num_rows, line + batch.num_rows

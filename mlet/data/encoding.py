@@ -50,15 +50,69 @@ def binary_parts(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets, (np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8))
 
 
+@dataclass
+class ColumnKeys:
+    """One table's keys in a batch as a dictionary: B rows, H values per row, D distinct.
+
+    Each distinct value's key is computed once; two spellings of one key (say "0a" and
+    "a") may both be in `distinct`, which the vocabulary counts and lookups allow for.
+    """
+
+    distinct: np.ndarray  # uint64 [D]
+    positions: np.ndarray  # int32 [B, H], each slot's index into `distinct`
+    missing: np.ndarray  # bool [B, H], empty slots
+
+    def rows(self, start: int, stop: int) -> ColumnKeys:
+        return ColumnKeys(self.distinct, self.positions[start:stop], self.missing[start:stop])
+
+    def widened(self, hotness: int) -> ColumnKeys:
+        """A single-valued column as H slots: its value in the first, the others missing."""
+        if self.positions.shape[1] == hotness:
+            return self
+        positions = np.zeros((len(self.positions), hotness), np.int32)
+        missing = np.ones((len(self.positions), hotness), bool)
+        positions[:, 0], missing[:, 0] = self.positions[:, 0], self.missing[:, 0]
+        return ColumnKeys(self.distinct, positions, missing)
+
+
+def present_slots(keys: list[ColumnKeys]) -> np.ndarray:
+    """bool [B, T, H]: which slots of which tables hold a value."""
+    return ~np.stack([k.missing for k in keys], axis=1)
+
+
+def dictionary_keys(array: pa.Array, key_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct keys [D], positions [n], missing [n]) of a binary column.
+
+    pyarrow's hash table finds the distinct values and every value's position among them
+    (in C++); only the distinct values are then decoded by `key_of` (hex_keys or
+    string_keys), so a batch's frequent values cost one lookup each, not one decode each.
+    """
+    encoded = array.dictionary_encode(null_encoding="encode")
+    positions = encoded.indices.to_numpy(zero_copy_only=False)
+    try:
+        distinct, missing = key_of(encoded.dictionary)
+    except BadValue as e:  # its row is an index into the dictionary: name the first row
+        raise BadValue(int(np.argmax(positions == e.row)), str(e)) from e
+    return distinct, positions, missing[positions]
+
+
+def present_values(array: pa.Array, offsets: np.ndarray) -> np.ndarray:
+    """Values that are neither empty nor null."""
+    present = np.diff(offsets) != 0
+    if array.null_count:
+        present &= array.is_valid().to_numpy(zero_copy_only=False)
+    return present
+
+
 def hex_keys(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Keys int(value, 16) and the missing mask (empty values) of a binary column."""
     offsets, data = binary_parts(array)
     lengths = np.diff(offsets)
-    present = lengths != 0
+    present = present_values(array, offsets)
     keys = np.zeros(len(array), np.uint64)
     if not present.any():
         return keys, ~present
-    if np.all((lengths == 8) | ~present):
+    if np.array_equal(lengths == 8, present):
         # Criteo's values are all 8 digits: read each as one 64-bit word (SWAR), no loop.
         words = data[offsets[0] : offsets[-1]].copy().view("<u8")  # copied to align
         values, valid = hex_words(words)
@@ -66,7 +120,13 @@ def hex_keys(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
             raise BadValue(int(np.flatnonzero(present)[np.argmin(valid)]), "not hexadecimal")
         keys[present] = values
         return keys, ~present
-    return distinct_value_keys(array, present, parse_hex)
+    values = array.to_pylist()  # other lengths: Python's int(), once per value given
+    for row in np.flatnonzero(present):
+        try:
+            keys[row] = int(values[row], 16)
+        except (ValueError, OverflowError):
+            raise BadValue(int(row), "not hexadecimal (or above 64 bits)") from None
+    return keys, ~present
 
 
 def pair_table() -> np.ndarray:
@@ -94,59 +154,20 @@ def hex_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, valid if valid is not None else np.ones(len(words), bool)
 
 
-def parse_hex(values: list[bytes]) -> np.ndarray:
-    try:
-        return np.array([int(v, 16) for v in values], dtype=np.uint64)
-    except (ValueError, OverflowError) as e:
-        raise ValueError("not hexadecimal (or above 64 bits)") from e
-
-
-def distinct_value_keys(
-    array: pa.Array, present: np.ndarray, key_of
-) -> tuple[np.ndarray, np.ndarray]:
-    """Keys through the batch's distinct values: Python touches each distinct value once."""
-    encoded = array.dictionary_encode()
-    distinct = encoded.dictionary.to_pylist()
-    try:
-        distinct_keys = key_of(distinct)
-    except ValueError as e:
-        bad = next(i for i, v in enumerate(distinct) if v and not_parsed(key_of, v))
-        row = int(np.flatnonzero(encoded.indices.to_numpy(zero_copy_only=False) == bad)[0])
-        raise BadValue(row, str(e)) from e
-    keys = distinct_keys[encoded.indices.to_numpy(zero_copy_only=False)]
-    keys[~present] = 0
-    return keys, ~present
-
-
-def not_parsed(key_of, value) -> bool:
-    try:
-        key_of([value])
-    except ValueError:
-        return True
-    return False
-
-
 def string_keys(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """FNV-1a 64 keys of a binary column's values and its missing mask (empty values)."""
+    """FNV-1a 64 keys of a binary column's values and its missing mask (empty values);
+    refuses undecodable bytes."""
     offsets, _ = binary_parts(array)
-    present = np.diff(offsets) != 0
-    encoded = array.dictionary_encode()
-    check_utf8(encoded)
-    distinct = fnv1a64(encoded.dictionary)
-    keys = distinct[encoded.indices.to_numpy(zero_copy_only=False)]
+    present = present_values(array, offsets)
+    try:
+        array.view(pa.string()).validate(full=True)
+    except pa.ArrowInvalid:
+        values = array.to_pylist()
+        bad = next(i for i, v in enumerate(values) if v is not None and not_utf8(v))
+        raise BadValue(bad, f"undecodable bytes (not UTF-8): {values[bad]!r}") from None
+    keys = fnv1a64(array)
     keys[~present] = 0
     return keys, ~present
-
-
-def check_utf8(encoded: pa.DictionaryArray) -> None:
-    """Refuse undecodable bytes; only the distinct values are checked (in C++)."""
-    try:
-        encoded.dictionary.view(pa.string()).validate(full=True)
-    except pa.ArrowInvalid:
-        bad = next(i for i, v in enumerate(encoded.dictionary.to_pylist()) if not_utf8(v))
-        indices = encoded.indices.to_numpy(zero_copy_only=False)
-        row = int(np.flatnonzero(indices == bad)[0])
-        raise BadValue(row, f"undecodable bytes (not UTF-8): {encoded.dictionary[bad]}") from None
 
 
 def not_utf8(value: bytes) -> bool:
@@ -227,20 +248,16 @@ class TableEncoder:
             return self.hash_size + 1
         return FIRST_VOCAB_ID + len(self.vocabulary)
 
-    def encode(self, keys: np.ndarray, missing: np.ndarray) -> np.ndarray:
-        """int32 ids of `keys` (any shape); missing values get id 0."""
-        hashing = self.encoding == "hash"
-        ids = hashed(keys, self.hash_size) if hashing else self.vocabulary_ids(keys)
-        ids[missing] = MISSING_ID
-        return ids.astype(np.int32)
+    def encode(self, keys: ColumnKeys) -> np.ndarray:
+        """int32 ids [B, H]; missing values get id 0."""
+        ids = self.distinct_ids(keys.distinct)[keys.positions]
+        ids[keys.missing] = MISSING_ID
+        return ids
 
-    def vocabulary_ids(self, keys: np.ndarray) -> np.ndarray:
-        vocabulary = self.vocabulary
-        if len(vocabulary) == 0:
-            return np.full(keys.shape, OOV_ID, np.int64)
-        # Look up each distinct key once: a batch repeats its frequent values many times.
-        distinct, positions = distinct_keys(keys.ravel())
-        return self.lookup(distinct)[positions].reshape(keys.shape)
+    def distinct_ids(self, distinct: np.ndarray) -> np.ndarray:
+        if self.encoding == "hash":
+            return hashed(distinct, self.hash_size).astype(np.int32)
+        return self.lookup(distinct)
 
     def lookup(self, distinct: np.ndarray) -> np.ndarray:
         """Vocabulary ids (or the OOV id) of distinct keys."""
@@ -253,15 +270,6 @@ class TableEncoder:
         position = np.minimum(position, len(vocabulary) - 1)
         found = vocabulary[position] == distinct
         return np.where(found, position + FIRST_VOCAB_ID, OOV_ID).astype(np.int32)
-
-
-def distinct_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct keys, each key's position among them), by pyarrow's hash table; 32-bit
-    keys (Criteo's) are hashed as such, which is half the memory traffic."""
-    narrow = keys.size and int(keys.max()) < 2**32
-    encoded = pa.array(keys.astype(np.uint32) if narrow else keys).dictionary_encode()
-    distinct = encoded.dictionary.to_numpy().astype(np.uint64)
-    return distinct, encoded.indices.to_numpy()
 
 
 def hashed(keys: np.ndarray, size: int) -> np.ndarray:

@@ -1,47 +1,47 @@
 """The conversion engine: raw files in any supported format -> a dataset folder.
 
-One streaming pass reads the files in order through pyarrow in chunks, checks every value
-vectorised, writes labels and dense values straight to their .npy files (positioned
-writes, never a growing in-memory array or a mapping of the output, so memory is bounded
-by the chunk size whatever the file length) and counts the categorical keys of the
-training rows. Rows are counted first (cheap: newlines, or Parquet metadata), so the split
-is known before reading and the vocabularies see the training rows only: validation and
-test rows (the last rows, as `split_rows` cuts them) never enter a vocabulary. Each
-training chunk's distinct keys wait in a temporary file (its rows' positions among them
-in sparse.npy) until the vocabularies are complete; later rows are encoded as read.
+The files are cut into parts (`mlet.data.parts`: newline-aligned byte ranges, Parquet row
+groups, whole gzip files) whose rows are counted first, so the split is known before
+reading and the vocabularies see the training rows only: validation and test rows (the
+last rows, as `split_rows` cuts them) never enter a vocabulary. A pool of threads parses
+parts and reads their features (pyarrow and numpy release the GIL), a few parts ahead;
+this thread takes them in file order, writes labels and dense values straight to their
+.npy files (positioned writes, never a growing in-memory array or a mapping of the
+output, so memory is bounded by the parts in flight whatever the file length) and counts
+the categorical keys of the training rows. Each training chunk's distinct keys wait in a
+temporary file (its rows' positions among them in sparse.npy) until the vocabularies are
+complete; later rows are encoded as read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
 import queue
 import threading
 import time
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mlet.data.dataset import DataSchema, split_rows
-from mlet.data.encoding import MISSING_ID, KeyCounter, TableEncoder, distinct_keys
-from mlet.data.formats import (
-    DataFormatError,
-    SourceFormat,
-    check_columns,
-    file_columns,
-    is_gzip,
-    is_parquet,
-    read_batches,
+from mlet.data.encoding import (
+    MISSING_ID,
+    ColumnKeys,
+    KeyCounter,
+    TableEncoder,
+    present_slots,
 )
+from mlet.data.formats import DataFormatError, SourceFormat, check_columns, file_columns
+from mlet.data.parts import Part, plan_parts, read_part
 from mlet.data.summary import Summary
-from mlet.data.transform import Transform
+from mlet.data.transform import Features, Transform
 from mlet.files import staged_directory, write_json
 
 PENDING_KEYS = ".train-keys.tmp"
@@ -64,6 +64,8 @@ class ConvertConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     chunk_rows: int = 32_768
+    part_bytes: int = 16 << 20  # a plain file is cut into parts of about this size
+    workers: int = 0  # threads that parse parts; 0: one per core
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -88,24 +90,6 @@ def new_transform(fmt: SourceFormat, config: ConvertConfig) -> Transform:
         for name, size in zip(names, sizes, strict=True)
     ]
     return Transform(fmt, tables, config.hotness)
-
-
-def count_rows(path: Path, fmt: SourceFormat) -> int:
-    """Data rows of a file: lines (less the header), or the Parquet row count."""
-    if is_parquet(path):
-        return pq.ParquetFile(path).metadata.num_rows
-    lines, last = 0, b"\n"
-    try:
-        with gzip.open(path, "rb") if is_gzip(path) else open(path, "rb") as f:
-            while block := f.read(16 << 20):
-                lines += block.count(b"\n")
-                last = block[-1:]
-    except gzip.BadGzipFile as e:
-        raise DataFormatError(f"{path}: not a gzip file ({e})") from e
-    except (EOFError, zlib.error) as e:
-        raise DataFormatError(f"{path}: truncated or corrupt gzip file ({e})") from e
-    lines += last != b"\n"
-    return max(lines - (1 if fmt.header else 0), 0)
 
 
 class NpyFile:
@@ -140,34 +124,55 @@ class NpyFile:
 
 @dataclass
 class Chunk:
-    """Rows [start, start + len) of the dataset, read from `path` from `first_line` on."""
+    """Rows [start, start + rows) of the dataset, read and checked."""
 
     start: int
-    batch: pa.RecordBatch
-    path: Path
-    first_line: int
+    features: Features
+
+    @property
+    def rows(self) -> int:
+        return len(self.features.dense)
 
 
-def chunks(sources: list[Path], fmt: SourceFormat, rows: int, chunk_rows: int) -> Iterator[Chunk]:
-    """The first `rows` rows of the files in order, in chunks of about `chunk_rows`."""
-    start = 0
-    for path in sources:
-        first_line = 1 + (1 if fmt.header else 0)
-        pending: list[pa.RecordBatch] = []
-        pending_rows = 0
-        for batch in read_batches(path, fmt):
-            batch = batch.slice(0, rows - start - pending_rows)
-            pending.append(batch)
-            pending_rows += batch.num_rows
-            if pending_rows >= chunk_rows or start + pending_rows >= rows:
-                yield Chunk(start, combine(pending), path, first_line)
-                start, first_line = start + pending_rows, first_line + pending_rows
-                pending, pending_rows = [], 0
-            if start >= rows:
-                return
-        if pending_rows:
-            yield Chunk(start, combine(pending), path, first_line)
-            start += pending_rows
+def part_chunks(
+    part: Part, fmt: SourceFormat, chunk_rows: int
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(row within the part, batch of about `chunk_rows` rows) of one part, in order."""
+    pending: list[pa.RecordBatch] = []
+    done = pending_rows = 0
+    for batch in read_part(part, fmt):
+        pending.append(batch)
+        pending_rows += batch.num_rows
+        if pending_rows >= chunk_rows:
+            yield done, combine(pending)
+            done, pending, pending_rows = done + pending_rows, [], 0
+    if pending_rows:
+        yield done, combine(pending)
+
+
+def read_chunks(
+    part: Part, transform: Transform, chunk_rows: int, batches: list | None = None
+) -> list[Chunk]:
+    """Parse (unless `batches` are given) and check one part's rows."""
+    fmt, chunks = transform.fmt, []
+    first_line = 1 + (1 if fmt.header else 0) + part.file_row
+    for done, batch in batches if batches is not None else part_chunks(part, fmt, chunk_rows):
+        features = transform.features(batch, str(part.path), first_line + done)
+        chunks.append(Chunk(part.start + done, features))
+    return chunks
+
+
+def work(
+    parts: list[Part], transform: Transform, chunk_rows: int
+) -> Iterator[Callable[[], list[Chunk]]]:
+    """Tasks that each return chunks, in order: a whole part each where parts can be read
+    anywhere; a gzip file is parsed here, in order, and only its checks run as tasks."""
+    for part in parts:
+        if not part.whole_file:
+            yield partial(read_chunks, part, transform, chunk_rows)
+            continue
+        for item in part_chunks(part, transform.fmt, chunk_rows):
+            yield partial(read_chunks, part, transform, chunk_rows, [item])
 
 
 def prefetched(items: Iterator, depth: int = 2) -> Iterator:
@@ -215,13 +220,21 @@ class Conversion:
 
     Training rows are hashed once: each chunk's distinct keys per table are counted and
     spilled to a temporary file, and the rows' positions among them (local ids) wait in
-    sparse.npy; once the vocabularies are complete, `finish` maps every chunk's distinct
-    keys to ids and rewrites its rows through that small table.
+    sparse.npy; once the vocabularies are complete, tasks in `pool` map every chunk's
+    distinct keys to ids and rewrite its rows through that small table, while this thread
+    goes on with the validation and test rows.
     """
 
-    def __init__(self, folder: Path, transform: Transform, rows: int, config: ConvertConfig):
+    def __init__(
+        self,
+        folder: Path,
+        transform: Transform,
+        rows: int,
+        config: ConvertConfig,
+        pool: Executor,
+    ):
         fmt = transform.fmt
-        self.transform, self.rows, self.config = transform, rows, config
+        self.transform, self.rows, self.config, self.pool = transform, rows, config, pool
         split = split_rows(rows, config.val_fraction, config.test_fraction)
         self.train_end = split.val.start if config.encoding == "vocab" else 0
         tables, hotness = len(transform.tables), transform.hotness
@@ -232,68 +245,76 @@ class Conversion:
         spill = folder / PENDING_KEYS
         self.spill = open(spill, "w+b") if self.train_end else None  # noqa: SIM115 (close())
         self.pending: list[tuple[int, int, list[tuple[int, int]]]] = []  # start, rows, spans
-        self.counters = [KeyCounter() for _ in transform.tables]
+        self.counters = [KeyCounter() for _ in transform.tables] if self.train_end else []
+        self.rewrites: list[Future] = []
         self.summary = Summary.start(fmt, transform)
 
     def add(self, chunk: Chunk) -> None:
-        features = self.transform.features(chunk.batch, str(chunk.path), chunk.first_line)
-        start, count = chunk.start, chunk.batch.num_rows
+        features, start, count = chunk.features, chunk.start, chunk.rows
         self.labels.write(start, features.labels)
         self.dense.write(start, features.dense)
         self.summary.add(features)
         cut = min(max(self.train_end - start, 0), count)
         if cut:
-            self.hold_training_rows(start, features.keys[:, :cut], features.missing[:, :cut])
+            self.hold_training_rows(start, cut, [k.rows(0, cut) for k in features.keys])
         if cut == count:
             return
-        if start + cut == self.train_end:
+        if self.counters and start + cut == self.train_end:
             self.build_vocabularies()
-        keys, missing = features.keys[:, cut:], features.missing[:, cut:]
-        self.write_ids(start + cut, keys, missing, held_out=self.train_end > 0)  # OOV: vocab only
+        keys = [k.rows(cut, count) for k in features.keys]
+        self.write_ids(start + cut, keys, held_out=self.train_end > 0)  # OOV: vocab only
 
-    def hold_training_rows(self, start: int, keys: np.ndarray, missing: np.ndarray) -> None:
-        """Count the distinct keys [T, B, H] per table; park local ids in sparse.npy."""
-        local = np.empty(keys.shape, np.int32)
+    def hold_training_rows(self, start: int, rows: int, keys: list[ColumnKeys]) -> None:
+        """Count each table's distinct keys; park the rows' positions among them in sparse.npy."""
+        local = np.empty((rows, len(keys), self.transform.hotness), np.int32)
         spans = []
-        for t, counter in enumerate(self.counters):
-            distinct, positions = distinct_keys(keys[t].ravel())
-            positions = positions.reshape(keys[t].shape)
-            present = ~missing[t]
+        for t, (counter, table_keys) in enumerate(zip(self.counters, keys, strict=True)):
+            present = ~table_keys.missing
+            positions, distinct = table_keys.positions, table_keys.distinct
             counter.add_counts(distinct, np.bincount(positions[present], minlength=len(distinct)))
-            local[t] = np.where(present, positions, -1)
+            local[:, t] = np.where(present, positions, -1)
             spans.append((self.spill.tell(), len(distinct)))
-            self.spill.write(distinct.tobytes())
-        self.sparse.write(start, squeeze(local.transpose(1, 0, 2)))
-        self.pending.append((start, keys.shape[1], spans))
+            self.spill.write(distinct.astype("<u8", copy=False).tobytes())
+        self.sparse.write(start, squeeze(local))
+        self.pending.append((start, rows, spans))
 
     def build_vocabularies(self) -> None:
+        """Vocabularies from the counts; then rewrite the held rows in the pool."""
         for table, counter in zip(self.transform.tables, self.counters, strict=True):
             if table.encoding == "vocab" and table.vocabulary.size == 0:
                 table.vocabulary = counter.vocabulary(self.config.min_count)
         self.counters = []
-
-    def write_ids(self, start: int, keys, missing, held_out: bool) -> None:
-        ids = self.transform.encode(keys, missing)
-        self.sparse.write(start, ids)
-        if held_out:
-            self.summary.add_held_out(ids, missing)
-
-    def finish(self) -> None:
-        """Encode the training rows now that the vocabularies are complete."""
-        if self.counters:
-            self.build_vocabularies()
         if self.spill is not None:
             self.spill.flush()
-        for start, count, spans in self.pending:
-            local = self.sparse.read(start, count).reshape(count, len(spans), -1).copy()
-            for t, (offset, length) in enumerate(spans):
-                distinct = np.frombuffer(os.pread(self.spill.fileno(), 8 * length, offset), "<u8")
-                lookup = np.append(self.transform.tables[t].lookup(distinct), MISSING_ID)
-                local[:, t] = lookup[local[:, t]]  # -1 (missing) picks the appended 0
-            self.sparse.write(start, squeeze(local))
+            self.rewrites = [self.pool.submit(self.rewrite, *held) for held in self.pending]
+
+    def rewrite(self, start: int, count: int, spans: list[tuple[int, int]]) -> None:
+        """Turn one held chunk's local ids into vocabulary ids."""
+        local = self.sparse.read(start, count).reshape(count, len(spans), -1).copy()
+        for t, (offset, length) in enumerate(spans):
+            distinct = np.frombuffer(os.pread(self.spill.fileno(), 8 * length, offset), "<u8")
+            lookup = np.append(self.transform.tables[t].lookup(distinct), MISSING_ID)
+            local[:, t] = lookup[local[:, t]]  # -1 (missing) picks the appended 0
+        self.sparse.write(start, squeeze(local))
+
+    def write_ids(self, start: int, keys: list[ColumnKeys], held_out: bool) -> None:
+        ids = self.transform.encode(keys)
+        self.sparse.write(start, ids)
+        if held_out:
+            self.summary.add_held_out(ids, present_slots(keys))
+
+    def finish(self) -> None:
+        """Wait until the training rows are encoded (the vocabularies complete)."""
+        if self.counters:
+            self.build_vocabularies()
+        for rewrite in self.rewrites:
+            rewrite.result()
         self.close()
 
     def close(self) -> None:
+        for rewrite in self.rewrites:  # none may write to a closed (or reused) descriptor
+            rewrite.cancel()
+        wait(self.rewrites)
         for f in (self.labels, self.dense, self.sparse, self.spill):
             if f is not None:
                 f.close()
@@ -320,44 +341,63 @@ def convert(
             raise FileNotFoundError(f"{path} does not exist")
         check_columns(path, fmt, file_columns(path, fmt))
     started = time.perf_counter()
-    counts = [count_rows(p, fmt) for p in paths]
-    rows = min(sum(counts), config.max_rows or sum(counts))
-    if rows == 0:
-        raise DataFormatError(f"{', '.join(map(str, paths))}: no rows")
+    workers = config.workers or len(os.sched_getaffinity(0))
     transform = new_transform(fmt, config)
-    with staged_directory(out, replace=overwrite) as staging:
-        conversion = Conversion(staging, transform, rows, config)
-        total_bytes = sum(p.stat().st_size for p in paths)
-        bar = tqdm(total=rows, unit="row", unit_scale=True, disable=not config.progress)
-        try:
-            for chunk in prefetched(chunks(paths, fmt, rows, config.chunk_rows)):
-                conversion.add(chunk)
-                bar.update(chunk.batch.num_rows)
-                bar.set_postfix_str(f"{total_bytes * bar.n / rows / 1e6:,.0f} MB")
-            conversion.finish()
-        finally:
-            bar.close()
-            conversion.close()
-        (staging / PENDING_KEYS).unlink(missing_ok=True)
-        transform.save(staging)
-        summary = conversion.summary.to_dict(transform, rows, time.perf_counter() - started)
-        schema = DataSchema(
-            num_dense=len(fmt.dense),
-            table_sizes=transform.table_sizes,
-            hotness=transform.hotness,
-            dense_transform=fmt.dense_transform,
-            dense_names=fmt.dense,
-            table_names=fmt.table_names,
-            rows=rows,
-            source={
-                "kind": fmt.kind,
-                "paths": [str(p.resolve()) for p in paths],
-                "encoding": config.encoding,
-                "min_count": config.min_count,
-                "vocabulary_rows": conversion.train_end,
-                "split": {"val": config.val_fraction, "test": config.test_fraction},
-                "summary": summary,
-            },
-        )
-        write_json(staging / "schema.json", schema.to_dict())
+    with ThreadPoolExecutor(workers, thread_name_prefix="mlet-data") as pool:
+        parts = plan_parts(paths, fmt, config.part_bytes, config.max_rows, pool)
+        rows = sum(part.rows for part in parts)
+        if rows == 0:
+            raise DataFormatError(f"{', '.join(map(str, paths))}: no rows")
+        with staged_directory(out, replace=overwrite) as staging:
+            conversion = Conversion(staging, transform, rows, config, pool)
+            try:
+                tasks = (pool.submit(task) for task in work(parts, transform, config.chunk_rows))
+                add_all(conversion, prefetched(tasks, depth=workers + 1), paths, config.progress)
+                conversion.finish()
+            finally:
+                conversion.close()
+            (staging / PENDING_KEYS).unlink(missing_ok=True)
+            transform.save(staging)
+            summary = conversion.summary.to_dict(transform, rows, time.perf_counter() - started)
+            schema = dataset_schema(fmt, transform, paths, config, conversion.train_end, summary)
+            write_json(staging / "schema.json", schema.to_dict())
     return schema
+
+
+def add_all(conversion: Conversion, done: Iterator, paths: list[Path], progress: bool) -> None:
+    """Add the chunks of each finished task in order, with a bar in rows and MB."""
+    rows, total_bytes = conversion.rows, sum(p.stat().st_size for p in paths)
+    with tqdm(total=rows, unit="row", unit_scale=True, disable=not progress) as bar:
+        for task in done:
+            for chunk in task.result():
+                conversion.add(chunk)
+                bar.update(chunk.rows)
+            bar.set_postfix_str(f"{total_bytes * bar.n / rows / 1e6:,.0f} MB")
+
+
+def dataset_schema(
+    fmt: SourceFormat,
+    transform: Transform,
+    paths: list[Path],
+    config: ConvertConfig,
+    vocabulary_rows: int,
+    summary: dict,
+) -> DataSchema:
+    return DataSchema(
+        num_dense=len(fmt.dense),
+        table_sizes=transform.table_sizes,
+        hotness=transform.hotness,
+        dense_transform=fmt.dense_transform,
+        dense_names=fmt.dense,
+        table_names=fmt.table_names,
+        rows=summary["rows"],
+        source={
+            "kind": fmt.kind,
+            "paths": [str(p.resolve()) for p in paths],
+            "encoding": config.encoding,
+            "min_count": config.min_count,
+            "vocabulary_rows": vocabulary_rows,
+            "split": {"val": config.val_fraction, "test": config.test_fraction},
+            "summary": summary,
+        },
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -151,13 +151,11 @@ def column_types(fmt: SourceFormat) -> dict[str, pa.DataType]:
     return types
 
 
-def csv_reader(path: Path, fmt: SourceFormat, use_threads: bool = True):
-    # A path lets pyarrow read ahead in parallel; a gzip stream must be decompressed in order.
-    stream = pa.input_stream(str(path), compression="gzip") if is_gzip(path) else str(path)
+def csv_reader(source, fmt: SourceFormat, column_names: list[str] | None, use_threads: bool):
+    """pyarrow's streaming CSV reader of `source` (a path, stream or buffer reader);
+    `column_names` None reads them from the first line."""
     read = pacsv.ReadOptions(
-        column_names=None if fmt.header else list(fmt.columns),
-        use_threads=use_threads,
-        block_size=READ_BLOCK_BYTES,
+        column_names=column_names, use_threads=use_threads, block_size=READ_BLOCK_BYTES
     )
     quote = False if fmt.kind == "criteo" else '"'
     parse = pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=quote, ignore_empty_lines=False)
@@ -166,41 +164,57 @@ def csv_reader(path: Path, fmt: SourceFormat, use_threads: bool = True):
         include_columns=list(fmt.needed_columns),
         strings_can_be_null=False,
     )
-    return pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
+    return pacsv.open_csv(source, read_options=read, parse_options=parse, convert_options=convert)
 
 
 def read_batches(path: Path, fmt: SourceFormat) -> Iterator[pa.RecordBatch]:
     """Record batches of the needed columns; errors name the file and, where known, the line."""
     if is_parquet(path):
-        yield from parquet_batches(path, fmt)
+        file = pq.ParquetFile(path)
+        for group in range(file.num_row_groups):
+            yield from parquet_group(file, group, path, fmt)
         return
-    rows = 0
+    # A path lets pyarrow read ahead in parallel; a gzip stream must be decompressed in order.
+    source = pa.input_stream(str(path), compression="gzip") if is_gzip(path) else str(path)
+    names = None if fmt.header else list(fmt.columns)
+    yield from located(lambda: csv_reader(source, fmt, names, use_threads=True), path, fmt, 0)
+
+
+def located(
+    open_reader: Callable[[], Iterable[pa.RecordBatch]],
+    path: Path,
+    fmt: SourceFormat,
+    rows_before: int,
+) -> Iterator[pa.RecordBatch]:
+    """The batches of a reader of the file's rows from `rows_before` on (it parses its
+    first block when opened); a parse error names its line."""
+    rows = rows_before
     try:
-        for batch in csv_reader(path, fmt):
+        for batch in open_reader():
             rows += batch.num_rows
             yield batch
     except (pa.ArrowInvalid, OSError, zlib.error, EOFError) as e:
         raise locate_error(path, fmt, rows, e) from e
 
 
-def parquet_batches(path: Path, fmt: SourceFormat) -> Iterator[pa.RecordBatch]:
-    file = pq.ParquetFile(path)
-    wanted = column_types(fmt)
-    for group in range(file.num_row_groups):
-        table = file.read_row_group(group, columns=list(fmt.needed_columns))
-        for name, dtype in wanted.items():
-            column = table.column(name)
-            if column.type == dtype:
-                continue
-            try:
-                column = column.cast(pa.string() if dtype == pa.binary() else dtype)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise DataFormatError(
-                    f"{path}: row group {group}, column {name!r}: cannot read "
-                    f"{column.type} as {dtype}: {e}"
-                ) from e
-            table = table.set_column(table.schema.get_field_index(name), name, column)
-        yield from table.combine_chunks().to_batches()
+def parquet_group(
+    file: pq.ParquetFile, group: int, path: Path, fmt: SourceFormat
+) -> Iterator[pa.RecordBatch]:
+    """One row group's needed columns, cast to the types the transform reads."""
+    table = file.read_row_group(group, columns=list(fmt.needed_columns))
+    for name, dtype in column_types(fmt).items():
+        column = table.column(name)
+        if column.type == dtype:
+            continue
+        try:
+            column = column.cast(pa.string() if dtype == pa.binary() else dtype)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise DataFormatError(
+                f"{path}: row group {group}, column {name!r}: cannot read "
+                f"{column.type} as {dtype}: {e}"
+            ) from e
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    yield from table.combine_chunks().to_batches()
 
 
 def locate_error(path: Path, fmt: SourceFormat, rows_done: int, error: Exception) -> Exception:
@@ -282,8 +296,8 @@ def csv_format(
     multi_hot = dict(multi_hot or {})
     if not label:
         raise DataFormatError("name the label column (--label)")
-    if not dense and not categorical:
-        raise DataFormatError("name at least one --dense or --categorical column")
+    if not categorical:
+        raise DataFormatError("name at least one --categorical column (a DLRM needs a table)")
     stray = [c for c in multi_hot if c not in categorical]
     if stray:
         raise DataFormatError(f"--multi-hot column {stray} must also be --categorical")

@@ -41,14 +41,13 @@ class Summary:
         if features.labels is not None:
             self.positives += int(features.labels.sum(dtype=np.int64))
         self.empty_dense += features.empty_dense
-        self.empty_tables += features.missing.all(axis=2).sum(axis=1)
+        self.empty_tables += [int(k.missing.all(axis=1).sum()) for k in features.keys]
 
-    def add_held_out(self, ids: np.ndarray, missing: np.ndarray) -> None:
-        """Ids [B, T(, H)] of validation/test rows and their missing mask [T, B, H]."""
-        present = ~missing
-        oov = ids.reshape(missing.shape[1], missing.shape[0], -1).transpose(1, 0, 2) == OOV_ID
-        self.held_out_values += present.sum(axis=(1, 2))
-        self.held_out_oov += (oov & present).sum(axis=(1, 2))
+    def add_held_out(self, ids: np.ndarray, present: np.ndarray) -> None:
+        """Ids [B, T(, H)] of validation/test rows and which slots hold a value [B, T, H]."""
+        oov = ids.reshape(present.shape) == OOV_ID
+        self.held_out_values += present.sum(axis=(0, 2))
+        self.held_out_oov += (oov & present).sum(axis=(0, 2))
 
     def to_dict(self, transform, rows: int, seconds: float) -> dict:
         tables = {}

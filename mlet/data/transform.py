@@ -18,7 +18,9 @@ import pyarrow.compute as pc
 
 from mlet.data.encoding import (
     BadValue,
+    ColumnKeys,
     TableEncoder,
+    dictionary_keys,
     hex_keys,
     hour_keys,
     load_vocabulary,
@@ -39,8 +41,7 @@ class Features:
 
     labels: np.ndarray | None  # uint8 [B]
     dense: np.ndarray  # float32 [B, F], empty values 0
-    keys: np.ndarray  # uint64 [T, B, H], table-major so that each table's keys are contiguous
-    missing: np.ndarray  # bool [T, B, H]
+    keys: list[ColumnKeys]  # one per table
     empty_dense: np.ndarray  # int64 [F] empty values per dense column
 
 
@@ -69,45 +70,38 @@ class Transform:
         empty_dense = np.zeros(len(fmt.dense), np.int64)
         for i, name in enumerate(fmt.dense):
             dense[:, i], empty_dense[i] = with_column(name, read_dense, batch.column(name))
-        keys = np.zeros((len(self.tables), rows, self.hotness), np.uint64)
-        missing = np.ones((len(self.tables), rows, self.hotness), bool)
-        for t, name in enumerate(fmt.categorical):
-            column = batch.column(name)
-            keys[t], missing[t] = with_column(name, self.column_keys, name, column)
+        keys = [
+            with_column(name, self.column_keys, name, batch.column(name))
+            for name in fmt.categorical
+        ]
         if fmt.hour:
             hours = batch.column(fmt.hour).to_numpy(zero_copy_only=False)
-            t = len(fmt.categorical)
-            (keys[t, :, 0], keys[t + 1, :, 0]) = with_column(fmt.hour, hour_keys, hours)
-            missing[t : t + 2, :, 0] = False
-        return Features(labels, dense, keys, missing, empty_dense)
+            hour, weekday = with_column(fmt.hour, hour_keys, hours)
+            keys += [small_keys(hour, 24, self.hotness), small_keys(weekday, 7, self.hotness)]
+        return Features(labels, dense, keys, empty_dense)
 
-    def column_keys(self, name: str, column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """[B, H] keys and missing mask of one categorical column."""
+    def column_keys(self, name: str, column: pa.Array) -> ColumnKeys:
+        """The keys of one categorical column, H slots per row."""
         key_of = hex_keys if self.fmt.keys == "hex" else string_keys
         separator = self.fmt.multi_hot.get(name)
         if separator is None:
-            keys, missing = key_of(column)
-            if self.hotness == 1:
-                return keys[:, None], missing[:, None]
-            wide_keys = np.zeros((len(keys), self.hotness), np.uint64)
-            wide_missing = np.ones((len(keys), self.hotness), bool)
-            wide_keys[:, 0], wide_missing[:, 0] = keys, missing
-            return wide_keys, wide_missing
+            distinct, positions, missing = dictionary_keys(column, key_of)
+            return ColumnKeys(distinct, positions[:, None], missing[:, None]).widened(self.hotness)
         values, present = split_multi_hot(column, separator, self.hotness)
         try:
-            keys, missing = key_of(values)
+            distinct, positions, missing = dictionary_keys(values, key_of)
         except BadValue as e:  # its row counts flattened values: H per row
             raise BadValue(e.row // self.hotness, str(e)) from e
         shape = present.shape
-        return keys.reshape(shape), missing.reshape(shape) | ~present
+        return ColumnKeys(distinct, positions.reshape(shape), missing.reshape(shape) | ~present)
 
-    def encode(self, keys: np.ndarray, missing: np.ndarray) -> np.ndarray:
-        """Keys and missing mask [T, B, H] -> int32 ids [B, T] (hotness 1) or [B, T, H]."""
-        ids = np.empty(keys.shape, np.int32)
-        for t, table in enumerate(self.tables):
-            ids[t] = table.encode(keys[t], missing[t])
-        ids = ids.transpose(1, 0, 2)
-        return np.ascontiguousarray(ids[:, :, 0] if self.hotness == 1 else ids)
+    def encode(self, keys: list[ColumnKeys]) -> np.ndarray:
+        """Keys of T tables -> int32 ids [B, T] (hotness 1) or [B, T, H]."""
+        rows = len(keys[0].positions) if keys else 0
+        ids = np.empty((rows, len(self.tables), self.hotness), np.int32)
+        for t, (table, table_keys) in enumerate(zip(self.tables, keys, strict=True)):
+            ids[:, t] = table.encode(table_keys)
+        return ids[:, :, 0] if self.hotness == 1 else ids
 
     def to_dict(self) -> dict:
         return {
@@ -125,6 +119,13 @@ class Transform:
             if table.encoding == "vocab":
                 np.save(vocabulary_file(folder, table.name), table.vocabulary)
         write_json(Path(folder) / TRANSFORM_FILE, self.to_dict())
+
+
+def small_keys(values: np.ndarray, size: int, hotness: int) -> ColumnKeys:
+    """Keys 0..size-1 that are their own positions (the derived hour tables)."""
+    positions = values.astype(np.int32)[:, None]
+    keys = ColumnKeys(np.arange(size, dtype=np.uint64), positions, np.zeros(positions.shape, bool))
+    return keys.widened(hotness)
 
 
 def with_column(name: str, function, *args):
