@@ -671,6 +671,7 @@ def convert_config(args: argparse.Namespace, tables: int):
         hash_sizes=tuple(sizes or ()),
         hotness=getattr(args, "hotness", 1),
         max_rows=args.max_rows,
+        workers=args.workers,
     )
 
 
@@ -755,6 +756,8 @@ def add_data_formats(data) -> None:
         command.add_argument("--min-count", type=int, default=1,
                              help="rarer values share the out-of-vocabulary row")  # fmt: skip
         command.add_argument("--max-rows", type=int, help="read at most this many rows")
+        command.add_argument("--workers", type=int, default=0,
+                             help="threads parsing parts of files (0: one per core)")  # fmt: skip
         command.add_argument("--overwrite", action="store_true")
         command.set_defaults(handler=cmd_data_convert)
         if name == "criteo":

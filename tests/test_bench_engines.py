@@ -35,6 +35,8 @@ def test_bench_engines_short_run(tiny_repo, tmp_path):
     # the goals of one run: ratios of figures measured side by side, and the ceiling
     ceiling, goals = summary["inprocess"], summary["goals"]
     assert ceiling["batch"] == 256 and ceiling["rows_per_s"] > 0
+    before, after = ceiling["runs"]  # timed just before and just after our batched load
+    assert ceiling["rows_per_s"] == pytest.approx((before["rows_per_s"] + after["rows_per_s"]) / 2)
     ours = {(r["engine"], r["rows_per_request"]): r for r in results}
     assert goals["requests_batching_on_over_off_1row"] == pytest.approx(
         ours[("mlet", 1)]["requests_per_s"] / ours[("mlet, batching off", 1)]["requests_per_s"]

@@ -71,8 +71,10 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if self.encoding not in ("vocab", "hash"):
             raise ValueError(f"encoding must be vocab or hash, got {self.encoding!r}")
-        if self.min_count < 1 or self.hotness < 1 or self.chunk_rows < 1:
-            raise ValueError("min_count, hotness and chunk_rows must be positive")
+        if min(self.min_count, self.hotness, self.chunk_rows, self.part_bytes) < 1:
+            raise ValueError("min_count, hotness, chunk_rows and part_bytes must be positive")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (one per core) or more, got {self.workers}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"max_rows must be positive, got {self.max_rows}")
 
