@@ -179,26 +179,47 @@ class DynamicBatcher:
     async def _schedule(self) -> None:
         while True:
             self._refuse_expired()
-            if not self._queue or self._running >= self.config.instances:
-                self._mark_idle_if_done()
-                await self._sleep(self._until_first_deadline())
+            batch = self._ready_batch()
+            if batch is not None:
+                self._start(batch)
                 continue
-            rows, count = self._rows_that_fit()
-            full = count < len(self._queue) or rows >= self.config.send_at_rows
-            preferred = rows in self.config.preferred_batch_sizes
-            waited = time.monotonic() - self._queue[0].arrival
-            expired = waited >= self.config.max_queue_delay_s
-            if full or preferred or expired or self._closed or not self.config.enabled:
-                batch = [self._queue.popleft() for _ in range(count)]
-                self._queued_rows -= rows
-                self._running += 1
-                asyncio.get_running_loop().create_task(self._execute(batch))
-                continue
-            delay_left = self.config.max_queue_delay_s - waited
-            deadline_left = self._until_first_deadline()
-            if deadline_left is not None:
-                delay_left = min(delay_left, deadline_left)
-            await self._sleep(delay_left)
+            self._mark_idle_if_done()
+            await self._sleep(self._wait_s())
+
+    def _ready_batch(self) -> list[_Pending] | None:
+        """The oldest requests that make a batch worth sending now, taken off the queue;
+        None while every instance is busy or the batch may still grow."""
+        if not self._queue or self._running >= self.config.instances:
+            return None
+        rows, count = self._rows_that_fit()
+        full = count < len(self._queue) or rows >= self.config.send_at_rows
+        preferred = rows in self.config.preferred_batch_sizes
+        expired = time.monotonic() - self._queue[0].arrival >= self.config.max_queue_delay_s
+        if not (full or preferred or expired or self._closed or not self.config.enabled):
+            return None
+        self._queued_rows -= rows
+        return [self._queue.popleft() for _ in range(count)]
+
+    def _wait_s(self) -> float | None:
+        """How long the scheduler may sleep (None: until woken up)."""
+        deadline_left = self._until_first_deadline()
+        if not self._queue or self._running >= self.config.instances:
+            return deadline_left
+        waited = time.monotonic() - self._queue[0].arrival
+        delay_left = self.config.max_queue_delay_s - waited
+        return delay_left if deadline_left is None else min(delay_left, deadline_left)
+
+    def _start(self, batch: list[_Pending]) -> None:
+        """Hand a batch to an instance now: a large one is submitted to the executor before
+        this returns, so a batch started as the previous one finishes loses no time."""
+        self._running += 1
+        rows = sum(p.rows for p in batch)
+        started = time.monotonic()
+        job = None
+        if rows > self.config.inline_rows:
+            loop = asyncio.get_running_loop()
+            job = loop.run_in_executor(self.executor, self._merge_and_run, batch)
+        asyncio.get_running_loop().create_task(self._execute(batch, rows, started, job))
 
     def _until_first_deadline(self) -> float | None:
         """Seconds until the first queued request's timeout; None when none has one.
@@ -250,41 +271,52 @@ class DynamicBatcher:
         if not self._queue and self._running == 0:
             self._idle.set()
 
-    async def _execute(self, batch: list[_Pending]) -> None:
-        started = time.monotonic()
-        rows = sum(p.rows for p in batch)
+    async def _execute(
+        self, batch: list[_Pending], rows: int, started: float, job: asyncio.Future | None
+    ) -> None:
+        """Wait for a batch (or run a small one here), start the next, answer its requests."""
         try:
-            requests = [p.inputs for p in batch]
-            if rows <= self.config.inline_rows:
-                outputs = self._merge_and_run(requests)
-            else:
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._merge_and_run, requests
-                )
-            compute = time.monotonic() - started
-            self._record(batch, rows, started, compute)
-            offset = 0
-            for pending in batch:
-                part = {k: v[offset : offset + pending.rows] for k, v in outputs.items()}
-                offset += pending.rows
-                timing = Timing(started - pending.arrival, compute, rows)
-                if not pending.future.done():  # a caller may have gone away
-                    pending.future.set_result((part, timing))
+            outputs = self._merge_and_run(batch) if job is None else await job
         except Exception as error:  # the runtime's failure belongs to this batch only
+            self._instance_free()
             self.stats.failed_requests += len(batch)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)
-        finally:
-            self._running -= 1
-            self._mark_idle_if_done()
-            self._wakeup.set()
+            return
+        except BaseException:  # cancelled (the loop is stopping): free the instance
+            self._instance_free()
+            for pending in batch:
+                pending.future.cancel()
+            raise
+        compute = time.monotonic() - started
+        self._instance_free()
+        self._record(batch, rows, started, compute)
+        offset = 0
+        for pending in batch:
+            part = {k: v[offset : offset + pending.rows] for k, v in outputs.items()}
+            offset += pending.rows
+            timing = Timing(started - pending.arrival, compute, rows)
+            if not pending.future.done():  # a caller may have gone away
+                pending.future.set_result((part, timing))
 
-    def _merge_and_run(self, requests: list[Arrays]) -> Arrays:
+    def _instance_free(self) -> None:
+        """A batch finished: start the next ready one before answering this one's requests,
+        so the instance does not wait for the event loop to send the responses."""
+        self._running -= 1
+        self._refuse_expired()
+        batch = self._ready_batch()
+        if batch is not None:
+            self._start(batch)
+        self._mark_idle_if_done()
+        self._wakeup.set()
+
+    def _merge_and_run(self, batch: list[_Pending]) -> Arrays:
         """Concatenate the requests' arrays and run them, on the executor's thread.
 
         The copy runs there rather than on the event loop, which parses the next requests.
         """
+        requests = [p.inputs for p in batch]
         if len(requests) == 1:
             return self.run_batch(requests[0])
         return self.run_batch(

@@ -246,3 +246,37 @@ def test_small_batches_run_on_the_event_loop_and_large_ones_on_an_instance_threa
 def test_inline_rows_must_not_be_negative():
     with pytest.raises(ValueError, match="inline_rows must not be negative"):
         BatchingConfig(max_batch_rows=8, inline_rows=-1)
+
+
+def test_the_next_batch_starts_before_the_finished_batch_is_answered():
+    """An instance that finishes a batch gets the next ready one at once, not after the
+    event loop has answered the finished batch's requests."""
+    answered: list[int] = []
+    answered_at_submit: list[int] = []
+
+    class RecordingExecutor(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            answered_at_submit.append(len(answered))
+            return super().submit(fn, *args, **kwargs)
+
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def scenario():
+        config = BatchingConfig(max_batch_rows=2, max_queue_delay_s=0)
+        batcher = DynamicBatcher(recorder, config, RecordingExecutor(1))
+
+        async def call(start: int) -> None:
+            await batcher.submit(rows(start, 2), 2)
+            answered.append(start)
+
+        first = asyncio.ensure_future(call(0))
+        await asyncio.sleep(0.05)  # the first batch holds the only instance
+        second = asyncio.ensure_future(call(2))
+        await asyncio.sleep(0.05)  # the second waits, a full batch
+        recorder.release.set()
+        await asyncio.gather(first, second)
+
+    run(scenario())
+    assert recorder.batches == [2, 2] and answered == [0, 2]
+    assert answered_at_submit == [0, 0]
