@@ -606,6 +606,8 @@ def add_engine_commands(bench, load_commands: list) -> None:
     engines.add_argument("--model", required=True)
     engines.add_argument("--engines", type=name_list, default=["mlet", "triton"])
     engines.add_argument("--duration", type=float, default=20.0, help="seconds per load")
+    engines.add_argument("--rounds", type=int, default=4,
+                         help="each load in rounds that alternate the engines")  # fmt: skip
     engines.add_argument("--connections", type=int, default=32)
     engines.add_argument("--generator", choices=["auto", "wrk", "locust"], default="auto")
     engines.add_argument("--locust-processes", type=int, default=2, help="without wrk")
@@ -630,6 +632,7 @@ def cmd_bench_engines(args: argparse.Namespace) -> None:
         engines=tuple(args.engines), duration=args.duration, connections=args.connections,
         generator=args.generator, locust_processes=args.locust_processes,
         tritonserver=args.tritonserver, batching_off=not args.no_batching_off,
+        rounds=args.rounds,
     )  # fmt: skip
     run_engines(args.repo, args.model, config, args.out)
     print((Path(args.out) / "engines.md").read_text())

@@ -11,9 +11,12 @@ whether the generator or the server was the limit.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -181,7 +184,7 @@ def run_wrk(url: str, path: str, bodies: list, connections: int, duration: float
     with tempfile.TemporaryDirectory(prefix="mlet-wrk-") as folder:
         script = write_wrk_script(Path(folder), path, bodies)
         command = ["wrk", "-t", str(min(2, connections)), "-c", str(connections)]
-        command += ["-d", f"{duration:g}s", "--timeout", "10s", "-s", str(script), url]
+        command += ["-d", f"{max(1, round(duration))}s", "--timeout", "10s", "-s", str(script), url]
         result = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
     line = next((x for x in result.stdout.splitlines() if x.startswith("{")), None)
     if result.returncode != 0 or line is None:
@@ -229,6 +232,7 @@ class EnginesConfig:
     tritonserver: str | None = None
     # Our server once more with batching off, on the 1-row load: what batching buys.
     batching_off: bool = True
+    rounds: int = 4  # each load's duration is split into rounds that alternate the engines
 
     def __post_init__(self) -> None:
         unknown = [e for e in self.engines if e not in ENGINES]
@@ -236,8 +240,8 @@ class EnginesConfig:
             raise ValueError(f"engines must be among {ENGINES}, got {list(self.engines)}")
         if self.generator not in ("auto", "wrk", "locust"):
             raise ValueError(f"generator must be auto, wrk or locust, got {self.generator!r}")
-        if self.duration < 2 or self.connections < 1:
-            raise ValueError("duration must be at least 2 s and connections positive")
+        if self.connections < 1 or self.rounds < 1 or self.duration / self.rounds < 1:
+            raise ValueError("connections and rounds must be positive, each round >= 1 s")
 
     def chosen_generator(self) -> str:
         if self.generator == "auto":
@@ -254,32 +258,57 @@ def children_cpu_seconds() -> float:
 
 
 def measure_load(url, server: ProcessTree, model, folder, rows, binary, bodies, config, out):
-    """One load against a running engine, with both sides' CPU and the server's memory."""
+    """One load of `config.duration / config.rounds` seconds against a running engine,
+    with both sides' CPU and the server's memory."""
     generator = config.chosen_generator()
+    seconds = config.duration / config.rounds
     server_cpu, client_cpu = sum(server.cpu_times()), children_cpu_seconds()
     started = time.monotonic()
     if generator == "wrk":
         path = f"/v2/models/{model}/infer"
-        stats = run_wrk(url, path, bodies, config.connections, config.duration)
+        stats = run_wrk(url, path, bodies, config.connections, seconds)
     else:
-        stats = run_locust_load(url, model, folder, rows, binary, config, out)
+        load = dataclasses.replace(config, duration=seconds, rounds=1)
+        stats = run_locust_load(url, model, folder, rows, binary, load, out)
     elapsed = time.monotonic() - started
     return {
         **stats,
+        "elapsed_s": elapsed,
+        "server_cpu_s": sum(server.cpu_times()) - server_cpu,
+        "client_cpu_s": children_cpu_seconds() - client_cpu,
+        "server_rss_bytes": server.memory_info().rss,
+    }
+
+
+def combine_rounds(label: str, rows: int, binary: bool, rounds: list[dict], rss: float) -> dict:
+    """One engine's figures on one load from its interleaved rounds: totals over time for
+    rates and CPU, the mean of the rounds' percentiles, every round kept."""
+    elapsed = sum(r["elapsed_s"] for r in rounds)
+    requests = sum(r["requests"] for r in rounds)
+    seconds = sum(r["requests"] / r["requests_per_s"] for r in rounds if r["requests_per_s"])
+    requests_per_s = requests / seconds if seconds else 0.0
+    return {
+        "engine": label,
+        "server_rss_loaded_bytes": rss,
+        "requests": requests,
+        "failures": sum(r["failures"] for r in rounds),
+        "requests_per_s": requests_per_s,
         "rows_per_request": rows,
         "encoding": "binary" if binary else "JSON",
-        "rows_per_s": stats["requests_per_s"] * rows,
-        "server_cpu_cores": (sum(server.cpu_times()) - server_cpu) / elapsed,
-        "client_cpu_cores": (children_cpu_seconds() - client_cpu) / elapsed,
-        "server_rss_bytes": server.memory_info().rss,
-        "generator": generator,
+        "rows_per_s": requests_per_s * rows,
+        **{key: statistics.mean(r[key] for r in rounds) for key in ("p50_ms", "p99_ms")},
+        "max_ms": max(r["max_ms"] for r in rounds),
+        "server_cpu_cores": sum(r["server_cpu_s"] for r in rounds) / elapsed,
+        "client_cpu_cores": sum(r["client_cpu_s"] for r in rounds) / elapsed,
+        "server_rss_bytes": max(r["server_rss_bytes"] for r in rounds),
+        "rounds": rounds,
     }
 
 
 def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | Path) -> dict:
-    """Each engine in turn on the same model and the same loads; writes engines.json/.md."""
-    from bench.load import LoadConfig, warm_up
-
+    """Every engine serves the model at once, and each load drives one engine at a time, in
+    rounds that alternate the engines, so that a machine whose speed drifts (shared cores)
+    moves every side of a ratio alike. Writes engines.json and engines.md."""
     repo, out = Path(repo), Path(out)
     spec = open_model(repo / model).manifest.spec
     factory = RequestFactory(spec, seed=7)
@@ -298,28 +327,19 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
         runs.append(("mlet", "mlet, batching off", ("--batching", "off"), small))
     largest = max(rows for rows, _ in config.loads)
     results, ceilings = [], []
-    for name, label, options, loads in runs:
-        engine = Engine(name=name, tritonserver=config.tritonserver)
-        log = out / f"{name}.log" if name == "triton" else None  # its backends, its loads
-        with running_engine(engine, repo, [model], *options, timeout=120.0, log=log) as (
-            url,
-            server,
-        ):
-            rss_loaded = server.memory_info().rss
-            for rows, binary in loads:
-                warm_up(url, model, spec, LoadConfig(rows=rows, binary=binary))
-                # The ceiling is timed just before and just after our batched load, so that
-                # a machine whose speed drifts (shared cores) moves both sides of the ratio.
-                adjacent = label == "mlet" and rows == largest
-                if adjacent:
-                    ceilings.append(inprocess_ceiling(repo / model, largest))
-                figures = measure_load(
-                    url, server, model, repo / model, rows, binary,
-                    bodies[(rows, binary)], config, out,
-                )  # fmt: skip
-                if adjacent:
-                    ceilings.append(inprocess_ceiling(repo / model, largest))
-                results.append({"engine": label, "server_rss_loaded_bytes": rss_loaded, **figures})
+    with contextlib.ExitStack() as stack:
+        servers = start_engines(stack, runs, repo, model, config, out)
+        for rows, binary in config.loads:
+            labels = [label for _, label, _, loads in runs if (rows, binary) in loads]
+            rounds = interleaved_rounds(
+                servers, labels, repo / model, spec, (rows, binary), bodies, config, out,
+                ceilings if rows == largest else None,
+            )  # fmt: skip
+            for label in labels:
+                rss = servers[label][2]
+                results.append(combine_rounds(label, rows, binary, rounds[label], rss))
+    for result in results:
+        result["generator"] = config.chosen_generator()
     ceiling = mean_ceiling(ceilings or [inprocess_ceiling(repo / model, largest)])
     summary = {
         "model": model,
@@ -335,6 +355,47 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
         engines_markdown(model, config, results, generator_note, summary)
     )
     return summary
+
+
+def start_engines(stack, runs, repo: Path, model: str, config: EnginesConfig, out: Path):
+    """Start every engine of `runs`: label -> (url, process tree, resident bytes loaded)."""
+    servers = {}
+    for name, label, options, _ in runs:
+        engine = Engine(name=name, tritonserver=config.tritonserver)
+        log = out / f"{name}.log" if name == "triton" else None  # its backends, its loads
+        url, server = stack.enter_context(
+            running_engine(engine, repo, [model], *options, timeout=120.0, log=log)
+        )
+        servers[label] = (url, server, server.memory_info().rss)
+    return servers
+
+
+def interleaved_rounds(servers, labels, folder, spec, load, bodies, config, out, ceilings):
+    """`config.rounds` rounds of one load, each engine in turn: label -> its rounds.
+
+    With `ceilings` (a list), in-process ONNX Runtime is timed just before and just after
+    each round of our server, so that the ceiling shares that load's machine."""
+    from bench.load import LoadConfig, warm_up
+
+    rows, binary = load
+    for label in labels:
+        warm_up(servers[label][0], folder.name, spec, LoadConfig(rows=rows, binary=binary))
+    rounds: dict[str, list[dict]] = {label: [] for label in labels}
+    for number in range(1, config.rounds + 1):
+        for label in labels:
+            url, server, _ = servers[label]
+            adjacent = ceilings is not None and label == "mlet"
+            if adjacent:
+                ceilings.append(inprocess_ceiling(folder, rows))
+            figures = measure_load(
+                url, server, folder.name, folder, rows, binary, bodies[load], config, out
+            )
+            if adjacent:
+                ceilings.append(inprocess_ceiling(folder, rows))
+            rounds[label].append({"round": number, **figures})
+            rate = figures["requests_per_s"] * rows
+            print(f"{label}, {rows}-row, round {number}: {rate:,.0f} rows/s", flush=True)
+    return rounds
 
 
 def inprocess_ceiling(model_folder: Path, rows: int) -> dict:
@@ -403,8 +464,10 @@ def engines_markdown(
 ) -> str:
     generator = results[0]["generator"] if results else config.generator
     lines = [
-        f"Engines on {model}: {config.connections} connections, {config.duration:g} s per load, "
-        f"load generator {generator}, one engine at a time, same request bodies.",
+        f"Engines on {model}: {config.connections} connections, {config.duration:g} s per load "
+        f"per engine in {config.rounds} rounds that alternate the engines (all serving, one "
+        f"loaded at a time), load generator {generator}, same request bodies. Rates are "
+        f"totals over the rounds, latencies the mean of the rounds' percentiles.",
         "",
         "| engine | load | requests/s | rows/s | p50 ms | p99 ms | failures "
         "| server CPU cores | server RSS MiB | client CPU cores |",
@@ -429,7 +492,7 @@ def engines_markdown(
         lines += [
             "",
             f"In-process ONNX Runtime, batch {ceiling['batch']}, the server's session options, "
-            f"timed just before and just after our batched load: "
+            f"timed just before and just after each round of our batched load: "
             f"{ceiling['rows_per_s']:,.0f} rows/s, the mean of "
             + ", ".join(f"{t['rows_per_s']:,.0f}" for t in ceiling.get("runs", [ceiling]))
             + f" (p50 {ceiling['p50_ms']:.2f} ms).",

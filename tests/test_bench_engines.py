@@ -16,15 +16,18 @@ TRITON = unavailable_reason()
 
 def test_bench_engines_short_run(tiny_repo, tmp_path):
     engines = ("mlet",) if TRITON else ("mlet", "triton")
-    config = EnginesConfig(engines=engines, duration=2, connections=4, pool=8)
+    config = EnginesConfig(engines=engines, duration=2, connections=4, pool=8, rounds=2)
     run_engines(tiny_repo, "mlet", config, tmp_path)
     summary = read_json(tmp_path / "engines.json")
     results = summary["results"]
     assert [(r["engine"], r["rows_per_request"], r["encoding"]) for r in results] == [
-        (e, rows, kind) for e in engines for rows, kind in ((1, "JSON"), (256, "binary"))
-    ] + [("mlet, batching off", 1, "JSON")]
+        *((e, 1, "JSON") for e in (*engines, "mlet, batching off")),
+        *((e, 256, "binary") for e in engines),
+    ]
     for r in results:
         assert r["requests"] > 0 and r["failures"] == 0, r
+        assert [x["round"] for x in r["rounds"]] == [1, 2]  # the engines alternate
+        assert r["requests"] == sum(x["requests"] for x in r["rounds"])
         assert r["rows_per_s"] == pytest.approx(r["requests_per_s"] * r["rows_per_request"])
         assert 0 < r["p50_ms"] <= r["p99_ms"]
         assert r["server_cpu_cores"] > 0 and r["client_cpu_cores"] > 0
@@ -35,8 +38,9 @@ def test_bench_engines_short_run(tiny_repo, tmp_path):
     # the goals of one run: ratios of figures measured side by side, and the ceiling
     ceiling, goals = summary["inprocess"], summary["goals"]
     assert ceiling["batch"] == 256 and ceiling["rows_per_s"] > 0
-    before, after = ceiling["runs"]  # timed just before and just after our batched load
-    assert ceiling["rows_per_s"] == pytest.approx((before["rows_per_s"] + after["rows_per_s"]) / 2)
+    runs = ceiling["runs"]  # timed just before and just after each round of our batched load
+    assert len(runs) == 4
+    assert ceiling["rows_per_s"] == pytest.approx(sum(r["rows_per_s"] for r in runs) / 4)
     ours = {(r["engine"], r["rows_per_request"]): r for r in results}
     assert goals["requests_batching_on_over_off_1row"] == pytest.approx(
         ours[("mlet", 1)]["requests_per_s"] / ours[("mlet, batching off", 1)]["requests_per_s"]
@@ -71,7 +75,7 @@ def test_bench_engines_with_locust_processes(tiny_repo, tmp_path):
     """The generator where wrk is missing: several Locust processes, the same figures."""
     config = EnginesConfig(
         engines=("mlet",), duration=2, connections=4, loads=((1, False),), generator="locust",
-        batching_off=False,
+        batching_off=False, rounds=1,
     )  # fmt: skip
     (result,) = run_engines(tiny_repo, "mlet", config, tmp_path)["results"]
     assert result["generator"] == "locust" and result["failures"] == 0
