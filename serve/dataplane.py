@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class ModelHandle:
     batcher: DynamicBatcher
     executor: ThreadPoolExecutor
     source: Path
+    record_answer: Callable[[int, float], None]  # rows and seconds of an answered request
 
     def metadata(self) -> dict:
         return {
@@ -206,7 +208,10 @@ class DataPlane:
         batcher = DynamicBatcher(
             backend.infer, batching, executor, observe=self.metrics.batch_observer(name)
         )
-        return ModelHandle(name, version, platform, spec, backend, batcher, executor, source)
+        record = self.metrics.answer_recorder(name)
+        return ModelHandle(
+            name, version, platform, spec, backend, batcher, executor, source, record
+        )
 
     def load_all(self, only: list[str] | None = None) -> None:
         """Load models before serving.
@@ -368,9 +373,7 @@ class DataPlane:
                 "batch_rows": timing.batch_rows,
             }
         response = encode_response(handle.name, handle.version, request, chosen, parameters)
-        self.metrics.requests.labels(name, "success").inc()
-        self.metrics.rows.labels(name).inc(rows)
-        self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+        handle.record_answer(rows, time.perf_counter() - started)
         return response
 
     async def close(self) -> None:

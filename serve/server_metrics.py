@@ -72,5 +72,21 @@ class ServerMetrics:
 
         return observe
 
+    def answer_recorder(self, model: str):
+        """A callback recording one answered request's rows and seconds; the labelled
+        series are looked up once per model, not once per request."""
+        success, rows, latency = (
+            self.requests.labels(model, "success"),
+            self.rows.labels(model),
+            self.latency.labels(model),
+        )
+
+        def record(count: int, seconds: float) -> None:
+            success.inc()
+            rows.inc(count)
+            latency.observe(seconds)
+
+        return record
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from mlet.spec import ExportSpec
@@ -61,8 +63,7 @@ def check_values(spec: ExportSpec, arrays: dict[str, np.ndarray]) -> None:
             f"input '{dense_name}' holds a non-finite value at row {row}, feature {column}"
         )
     ids = arrays[sparse_name]
-    rows = np.asarray(spec.table_rows).reshape(1, -1, *([1] * (ids.ndim - 2)))
-    bad = (ids < 0) | (ids >= rows)
+    bad = (ids < 0) | (ids >= id_bounds(tuple(spec.table_rows), ids.ndim))
     if bad.any():
         row, table = np.argwhere(bad)[0][:2]
         value = ids[(row, table)].ravel()
@@ -71,6 +72,14 @@ def check_values(spec: ExportSpec, arrays: dict[str, np.ndarray]) -> None:
             f"input '{sparse_name}' row {row}: id {value} is outside table "
             f"{spec.table_names[table]} (valid ids 0..{spec.table_rows[table] - 1})"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def id_bounds(table_rows: tuple[int, ...], ndim: int) -> np.ndarray:
+    """Each table's row count, shaped to broadcast against ids [B, T] or [B, T, H]."""
+    bounds = np.asarray(table_rows).reshape(1, -1, *([1] * (ndim - 2)))
+    bounds.flags.writeable = False  # shared by every request
+    return bounds
 
 
 def requested_outputs(spec: ExportSpec, request: InferRequest) -> list[str]:
