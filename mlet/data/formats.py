@@ -28,7 +28,7 @@ CRITEO_TABLES = tuple(f"C{i}" for i in range(1, 27))
 CRITEO_COLUMNS = ("label", *CRITEO_DENSE, *CRITEO_TABLES)
 AVAZU_HOUR = "hour"
 AVAZU_DERIVED = ("hour_of_day", "day_of_week")
-READ_BLOCK_BYTES = 4 << 20
+READ_BLOCK_BYTES = 1 << 20  # parsed in 1 MiB blocks: faster than 4 MiB here (cache)
 
 
 class DataFormatError(ValueError):
