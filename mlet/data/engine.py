@@ -346,7 +346,9 @@ def convert(
     workers = config.workers or len(os.sched_getaffinity(0))
     transform = new_transform(fmt, config)
     with ThreadPoolExecutor(workers, thread_name_prefix="mlet-data") as pool:
-        parts = plan_parts(paths, fmt, config.part_bytes, config.max_rows, pool)
+        parts = plan_parts(
+            paths, fmt, config.part_bytes, config.max_rows, pool, progress=config.progress
+        )
         rows = sum(part.rows for part in parts)
         if rows == 0:
             raise DataFormatError(f"{', '.join(map(str, paths))}: no rows")

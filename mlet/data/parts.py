@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from mlet.data.formats import (
     DataFormatError,
@@ -58,16 +59,24 @@ class Part:
 
 
 def plan_parts(
-    paths: list[Path], fmt: SourceFormat, part_bytes: int, max_rows: int | None, pool: Executor
+    paths: list[Path],
+    fmt: SourceFormat,
+    part_bytes: int,
+    max_rows: int | None,
+    pool: Executor,
+    progress: bool = False,
 ) -> list[Part]:
-    """The parts of the files in order, rows counted in `pool`, cut after `max_rows` rows."""
+    """The parts of the files in order, rows counted in `pool`, cut after `max_rows` rows
+    (a bar in parts counted: a gzip file is decompressed once to count its lines)."""
     pieces = [piece for path in paths for piece in file_pieces(path, fmt, part_bytes)]
     counts = [pool.submit(count_piece, piece, fmt) for piece in pieces]
     parts, start, file_row = [], 0, 0
+    bar = tqdm(total=len(pieces), desc="counting rows", unit="part", disable=not progress)
     for i, (piece, count) in enumerate(zip(pieces, counts, strict=True)):
         if i and piece.path != pieces[i - 1].path:
             file_row = 0
         rows = count.result()
+        bar.update()
         kept = rows if max_rows is None else min(rows, max_rows - start)
         if kept > 0:
             parts.append(replace(piece, rows=kept, file_row=file_row, start=start))
@@ -76,7 +85,9 @@ def plan_parts(
         if max_rows is not None and start >= max_rows:
             for later in counts[i + 1 :]:
                 later.cancel()
+            bar.total = bar.n  # enough rows: the later parts are not needed
             break
+    bar.close()
     return parts
 
 
