@@ -178,8 +178,9 @@ def work(
 
 
 def prefetched(items: Iterator, depth: int = 2) -> Iterator:
-    """Run `items` in a thread `depth` items ahead: parsing (pyarrow) overlaps encoding
-    (numpy); both release the GIL. Errors reach the consumer in order."""
+    """Run `items` in a thread `depth` items ahead; the consumer gets them, and errors,
+    in order. `convert` runs the generator that hands parts to the pool this way (it
+    also parses gzip files), so the main thread only waits for finished parts."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
