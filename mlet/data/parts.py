@@ -11,11 +11,12 @@ every part knows the dataset row it starts at and the split is known before read
 
 from __future__ import annotations
 
+import functools
 import gzip
 import itertools
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -134,33 +135,38 @@ def byte_ranges(path: Path, begin: int, part_bytes: int) -> list[tuple[int, int]
 
 def count_lines(path: Path, offset: int, length: int) -> int:
     """Lines in a byte range; a last line without a newline counts."""
-    lines, last = 0, b"\n"
     with open(path, "rb") as f:
-        end = offset + length
-        while offset < end:
-            block = os.pread(f.fileno(), min(COUNT_BLOCK_BYTES, end - offset), offset)
-            if not block:
-                break
-            # numpy counts without holding the GIL, so parts are counted in parallel
-            lines += int(np.count_nonzero(np.frombuffer(block, np.uint8) == NEWLINE))
-            offset, last = offset + len(block), block[-1:]
-    return lines + (last != b"\n")
+        return lines_in(range_blocks(f.fileno(), offset, length))
 
 
 def count_gzip_rows(path: Path, fmt: SourceFormat) -> int:
     """Data rows of a gzip file: its lines, less the header."""
-    lines, last = 0, b"\n"
     try:
         with gzip.open(path, "rb") as f:
-            while block := f.read(COUNT_BLOCK_BYTES):
-                lines += block.count(b"\n")
-                last = block[-1:]
+            lines = lines_in(iter(functools.partial(f.read, COUNT_BLOCK_BYTES), b""))
     except gzip.BadGzipFile as e:
         raise DataFormatError(f"{path}: not a gzip file ({e})") from e
     except (EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: truncated or corrupt gzip file ({e})") from e
-    lines += last != b"\n"
     return max(lines - (1 if fmt.header else 0), 0)
+
+
+def range_blocks(fd: int, offset: int, length: int) -> Iterator[bytes]:
+    """The bytes [offset, offset + length) of a file, in blocks."""
+    end = offset + length
+    while offset < end and (block := os.pread(fd, min(COUNT_BLOCK_BYTES, end - offset), offset)):
+        yield block
+        offset += len(block)
+
+
+def lines_in(blocks: Iterable[bytes]) -> int:
+    """Lines in a stream of blocks; a last line without a newline counts. numpy counts
+    without holding the GIL, so parts are counted in parallel."""
+    lines, last = 0, b"\n"
+    for block in blocks:
+        lines += int(np.count_nonzero(np.frombuffer(block, np.uint8) == NEWLINE))
+        last = block[-1:]
+    return lines + (last != b"\n")
 
 
 def read_part(part: Part, fmt: SourceFormat) -> Iterator[pa.RecordBatch]:
