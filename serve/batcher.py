@@ -178,13 +178,18 @@ class DynamicBatcher:
 
     async def _schedule(self) -> None:
         while True:
-            self._refuse_expired()
-            batch = self._ready_batch()
-            if batch is not None:
-                self._start(batch)
+            if self._start_ready_batch():
                 continue
             self._mark_idle_if_done()
             await self._sleep(self._wait_s())
+
+    def _start_ready_batch(self) -> bool:
+        """Refuse what waited past its timeout, then start a batch if one is ready."""
+        self._refuse_expired()
+        batch = self._ready_batch()
+        if batch is not None:
+            self._start(batch)
+        return batch is not None
 
     def _ready_batch(self) -> list[_Pending] | None:
         """The oldest requests that make a batch worth sending now, taken off the queue;
@@ -215,11 +220,11 @@ class DynamicBatcher:
         self._running += 1
         rows = sum(p.rows for p in batch)
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
         job = None
         if rows > self.config.inline_rows:
-            loop = asyncio.get_running_loop()
             job = loop.run_in_executor(self.executor, self._merge_and_run, batch)
-        asyncio.get_running_loop().create_task(self._execute(batch, rows, started, job))
+        loop.create_task(self._execute(batch, rows, started, job))
 
     def _until_first_deadline(self) -> float | None:
         """Seconds until the first queued request's timeout; None when none has one.
@@ -304,10 +309,7 @@ class DynamicBatcher:
         """A batch finished: start the next ready one before answering this one's requests,
         so the instance does not wait for the event loop to send the responses."""
         self._running -= 1
-        self._refuse_expired()
-        batch = self._ready_batch()
-        if batch is not None:
-            self._start(batch)
+        self._start_ready_batch()
         self._mark_idle_if_done()
         self._wakeup.set()
 
