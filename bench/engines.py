@@ -280,7 +280,9 @@ def measure_load(url, server: ProcessTree, model, folder, rows, binary, bodies, 
     }
 
 
-def combine_rounds(label: str, rows: int, binary: bool, rounds: list[dict], rss: float) -> dict:
+def combine_rounds(
+    label: str, rows: int, binary: bool, rounds: list[dict], rss: float, generator: str
+) -> dict:
     """One engine's figures on one load from its interleaved rounds: totals over time for
     rates and CPU, the mean of the rounds' percentiles, every round kept."""
     elapsed = sum(r["elapsed_s"] for r in rounds)
@@ -301,6 +303,7 @@ def combine_rounds(label: str, rows: int, binary: bool, rounds: list[dict], rss:
         "server_cpu_cores": sum(r["server_cpu_s"] for r in rounds) / elapsed,
         "client_cpu_cores": sum(r["client_cpu_s"] for r in rounds) / elapsed,
         "server_rss_bytes": max(r["server_rss_bytes"] for r in rounds),
+        "generator": generator,
         "rounds": rounds,
     }
 
@@ -336,10 +339,8 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
                 ceilings if rows == largest else None,
             )  # fmt: skip
             for label in labels:
-                rss = servers[label][2]
-                results.append(combine_rounds(label, rows, binary, rounds[label], rss))
-    for result in results:
-        result["generator"] = config.chosen_generator()
+                rss, generator = servers[label][2], config.chosen_generator()
+                results.append(combine_rounds(label, rows, binary, rounds[label], rss, generator))
     ceiling = mean_ceiling(ceilings or [inprocess_ceiling(repo / model, largest)])
     summary = {
         "model": model,
@@ -494,7 +495,7 @@ def engines_markdown(
             f"In-process ONNX Runtime, batch {ceiling['batch']}, the server's session options, "
             f"timed just before and just after each round of our batched load: "
             f"{ceiling['rows_per_s']:,.0f} rows/s, the mean of "
-            + ", ".join(f"{t['rows_per_s']:,.0f}" for t in ceiling.get("runs", [ceiling]))
+            + ", ".join(f"{t['rows_per_s']:,.0f}" for t in ceiling["runs"])
             + f" (p50 {ceiling['p50_ms']:.2f} ms).",
             "",
             *(
