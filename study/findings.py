@@ -367,20 +367,9 @@ def plot_ranks(summary: list[dict], table: int, table_name: str, title: str, pat
                 markersize=3,
                 label=f"{regime}: {name} d={d}",
             )
-        right.plot(
-            common,
-            [full[c]["effective_rank"][table] for c in common],
-            "-o",
-            color=colours[regime],
-            label=f"{regime}: full",
-        )
-        right.plot(
-            common,
-            [mlet[c]["effective_rank"][table] for c in common],
-            "--s",
-            color=colours[regime],
-            label=f"{regime}: MLET (best k)",
-        )
+        for cells, style, name in ((full, "-o", "full"), (mlet, "--s", "MLET (best k)")):
+            ranks = [cells[c]["effective_rank"][table] for c in common]
+            right.plot(common, ranks, style, color=colours[regime], label=f"{regime}: {name}")
     if right.lines:
         top = max(max(line.get_xdata()) for line in right.lines)
         right.plot([1, top], [1, top], ":", color="grey", label="rank = d")
