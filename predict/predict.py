@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from mlet.data.encoding import OOV_ID, present_slots
 from mlet.data.formats import check_columns, file_columns, first_line, is_parquet, read_batches
+from mlet.data.summary import value_counts
 from mlet.data.transform import TRANSFORM_FILE, Transform, load_transform
 from mlet.repository import OpenedModel, open_model
 from mlet.runtime import SessionOptions, onnxruntime_session
@@ -150,6 +150,7 @@ def predict_files(
         score = onnx_scorer(opened, config.threads)
     fields = [("row", pa.int64())] + ([("label", pa.uint8())] if has_label else [])
     writer = OutputWriter(out, pa.schema([*fields, ("probability", pa.float32())]))
+    vocab_tables = np.array([t.encoding == "vocab" for t in transform.tables], bool)
     started, rows, present, oov = time.perf_counter(), 0, 0, 0
     try:
         for path in paths:
@@ -162,9 +163,9 @@ def predict_files(
                 if has_label:
                     columns["label"] = features.labels
                 writer.write(pa.table(columns | {"probability": probability}))
-                present_values = present_slots(features.keys)  # [B, T, H]
-                present += int(present_values.sum())
-                oov += int(((ids.reshape(present_values.shape) == OOV_ID) & present_values).sum())
+                table_values, table_oov = value_counts(ids)
+                present += int(table_values[vocab_tables].sum())
+                oov += int(table_oov[vocab_tables].sum())
                 rows, line = rows + batch.num_rows, line + batch.num_rows
         writer.commit()
     except BaseException:

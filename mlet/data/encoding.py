@@ -52,36 +52,66 @@ def binary_parts(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class ColumnKeys:
-    """One table's keys in a batch as a dictionary: B rows, H values per row, D distinct.
+    """One table's keys in a batch as a dictionary: B rows, H slots per row, D distinct.
 
-    Each distinct value's key is computed once; two spellings of one key (say "0a" and
-    "a") may both be in `distinct`, which the vocabulary counts and lookups allow for.
+    Each distinct value's key is computed once. An empty slot points at an entry marked
+    `missing` (its key means nothing), so no per-slot mask is ever built. Two spellings
+    of one key (say "0a" and "a") may both be in `distinct`, which the vocabulary counts
+    and lookups allow for.
     """
 
     distinct: np.ndarray  # uint64 [D]
+    missing: np.ndarray  # bool [D], the entries that stand for an empty slot
     positions: np.ndarray  # int32 [B, H], each slot's index into `distinct`
-    missing: np.ndarray  # bool [B, H], empty slots
+    _counts: np.ndarray | None = None
 
     def rows(self, start: int, stop: int) -> ColumnKeys:
-        return ColumnKeys(self.distinct, self.positions[start:stop], self.missing[start:stop])
+        if start == 0 and stop >= len(self.positions):
+            return self
+        return ColumnKeys(self.distinct, self.missing, self.positions[start:stop])
+
+    def counts(self) -> np.ndarray:
+        """How many slots hold each distinct entry [D] (computed once)."""
+        if self._counts is None:
+            self._counts = np.bincount(self.positions.ravel(), minlength=len(self.distinct))
+        return self._counts
+
+    def empty_rows(self) -> int:
+        """Rows with no value in any slot."""
+        if self.positions.shape[1] == 1:
+            return int(self.counts()[self.missing].sum())
+        return int(self.missing[self.positions].all(axis=1).sum())
+
+    def with_empty_slots(self, empty: np.ndarray) -> ColumnKeys:
+        """These keys with the `empty` slots [B, H] pointing at an added missing entry."""
+        positions = np.where(empty, len(self.distinct), self.positions).astype(np.int32)
+        distinct = np.append(self.distinct, np.uint64(0))
+        return ColumnKeys(distinct, np.append(self.missing, True), positions)
 
     def widened(self, hotness: int) -> ColumnKeys:
-        """A single-valued column as H slots: its value in the first, the others missing."""
+        """A single-valued column as H slots: its value in the first, the others empty."""
         if self.positions.shape[1] == hotness:
             return self
-        positions = np.zeros((len(self.positions), hotness), np.int32)
-        missing = np.ones((len(self.positions), hotness), bool)
-        positions[:, 0], missing[:, 0] = self.positions[:, 0], self.missing[:, 0]
-        return ColumnKeys(self.distinct, positions, missing)
+        positions = np.repeat(self.positions[:, :1], hotness, axis=1)
+        empty = np.zeros(positions.shape, bool)
+        empty[:, 1:] = True
+        return ColumnKeys(self.distinct, self.missing, positions).with_empty_slots(empty)
 
 
-def present_slots(keys: list[ColumnKeys]) -> np.ndarray:
-    """bool [B, T, H]: which slots of which tables hold a value."""
-    return ~np.stack([k.missing for k in keys], axis=1)
+def stacked_positions(keys: list[ColumnKeys]) -> np.ndarray:
+    """int32 [B, T, H]: every table's positions side by side."""
+    return np.stack([k.positions for k in keys], axis=1)
+
+
+def gathered_ids(lookups: list[np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """Ids [B, T, H] from each table's ids of its distinct entries (`lookups`, one per
+    table) and the slots' positions among them [B, T, H]: one gather for all tables."""
+    offsets = np.cumsum([0] + [len(lookup) for lookup in lookups[:-1]], dtype=np.int64)
+    return np.concatenate(lookups)[positions + offsets[None, :, None]]
 
 
 def dictionary_keys(array: pa.Array, key_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct keys [D], positions [n], missing [n]) of a binary column.
+    """(distinct keys [D], missing [D], positions [n]) of a binary column.
 
     pyarrow's hash table finds the distinct values and every value's position among them
     (in C++); only the distinct values are then decoded by `key_of` (hex_keys or
@@ -93,7 +123,7 @@ def dictionary_keys(array: pa.Array, key_of) -> tuple[np.ndarray, np.ndarray, np
         distinct, missing = key_of(encoded.dictionary)
     except BadValue as e:  # its row is an index into the dictionary: name the first row
         raise BadValue(int(np.argmax(positions == e.row)), str(e)) from e
-    return distinct, positions, missing[positions]
+    return distinct, missing, positions
 
 
 def present_values(array: pa.Array, offsets: np.ndarray) -> np.ndarray:
@@ -249,15 +279,17 @@ class TableEncoder:
         return FIRST_VOCAB_ID + len(self.vocabulary)
 
     def encode(self, keys: ColumnKeys) -> np.ndarray:
-        """int32 ids [B, H]; missing values get id 0."""
-        ids = self.distinct_ids(keys.distinct)[keys.positions]
-        ids[keys.missing] = MISSING_ID
-        return ids
+        """int32 ids [B, H]; empty slots get id 0."""
+        return self.distinct_ids(keys.distinct, keys.missing)[keys.positions]
 
-    def distinct_ids(self, distinct: np.ndarray) -> np.ndarray:
+    def distinct_ids(self, distinct: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """int32 ids of distinct keys; the missing entries get id 0."""
         if self.encoding == "hash":
-            return hashed(distinct, self.hash_size).astype(np.int32)
-        return self.lookup(distinct)
+            ids = hashed(distinct, self.hash_size).astype(np.int32)
+        else:
+            ids = self.lookup(distinct)
+        ids[missing] = MISSING_ID
+        return ids
 
     def lookup(self, distinct: np.ndarray) -> np.ndarray:
         """Vocabulary ids (or the OOV id) of distinct keys."""

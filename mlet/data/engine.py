@@ -32,16 +32,16 @@ from tqdm import tqdm
 
 from mlet.data.dataset import DataSchema, split_rows
 from mlet.data.encoding import (
-    MISSING_ID,
     ColumnKeys,
     KeyCounter,
     TableEncoder,
-    present_slots,
+    gathered_ids,
+    stacked_positions,
 )
 from mlet.data.formats import DataFormatError, SourceFormat, check_columns, file_columns
 from mlet.data.parts import Part, plan_parts, read_part
 from mlet.data.summary import Summary
-from mlet.data.transform import Features, Transform
+from mlet.data.transform import Features, Transform, squeeze
 from mlet.files import staged_directory, write_json
 
 PENDING_KEYS = ".train-keys.tmp"
@@ -268,17 +268,16 @@ class Conversion:
         self.write_ids(start + cut, keys, held_out=self.train_end > 0)  # OOV: vocab only
 
     def hold_training_rows(self, start: int, rows: int, keys: list[ColumnKeys]) -> None:
-        """Count each table's distinct keys; park the rows' positions among them in sparse.npy."""
-        local = np.empty((rows, len(keys), self.transform.hotness), np.int32)
+        """Count each table's distinct keys; park the rows' positions among them in sparse.npy
+        and the distinct keys (with their missing flags) in the spill file."""
         spans = []
-        for t, (counter, table_keys) in enumerate(zip(self.counters, keys, strict=True)):
+        for counter, table_keys in zip(self.counters, keys, strict=True):
             present = ~table_keys.missing
-            positions, distinct = table_keys.positions, table_keys.distinct
-            counter.add_counts(distinct, np.bincount(positions[present], minlength=len(distinct)))
-            local[:, t] = np.where(present, positions, -1)
-            spans.append((self.spill.tell(), len(distinct)))
-            self.spill.write(distinct.astype("<u8", copy=False).tobytes())
-        self.sparse.write(start, squeeze(local))
+            counter.add_counts(table_keys.distinct[present], table_keys.counts()[present])
+            spans.append((self.spill.tell(), len(table_keys.distinct)))
+            self.spill.write(table_keys.distinct.astype("<u8", copy=False).tobytes())
+            self.spill.write(table_keys.missing.tobytes())
+        self.sparse.write(start, squeeze(stacked_positions(keys)))
         self.pending.append((start, rows, spans))
 
     def build_vocabularies(self) -> None:
@@ -292,19 +291,21 @@ class Conversion:
             self.rewrites = [self.pool.submit(self.rewrite, *held) for held in self.pending]
 
     def rewrite(self, start: int, count: int, spans: list[tuple[int, int]]) -> None:
-        """Turn one held chunk's local ids into vocabulary ids."""
-        local = self.sparse.read(start, count).reshape(count, len(spans), -1).copy()
-        for t, (offset, length) in enumerate(spans):
-            distinct = np.frombuffer(os.pread(self.spill.fileno(), 8 * length, offset), "<u8")
-            lookup = np.append(self.transform.tables[t].lookup(distinct), MISSING_ID)
-            local[:, t] = lookup[local[:, t]]  # -1 (missing) picks the appended 0
-        self.sparse.write(start, squeeze(local))
+        """Turn one held chunk's positions among its distinct keys into vocabulary ids."""
+        lookups = []
+        for table, (offset, length) in zip(self.transform.tables, spans, strict=True):
+            held = os.pread(self.spill.fileno(), 9 * length, offset)
+            distinct = np.frombuffer(held, "<u8", length)
+            missing = np.frombuffer(held, np.bool_, length, offset=8 * length)
+            lookups.append(table.distinct_ids(distinct, missing))
+        positions = self.sparse.read(start, count).reshape(count, len(spans), -1)
+        self.sparse.write(start, squeeze(gathered_ids(lookups, positions)))
 
     def write_ids(self, start: int, keys: list[ColumnKeys], held_out: bool) -> None:
         ids = self.transform.encode(keys)
         self.sparse.write(start, ids)
         if held_out:
-            self.summary.add_held_out(ids, present_slots(keys))
+            self.summary.add_held_out(ids)
 
     def finish(self) -> None:
         """Wait until the training rows are encoded (the vocabularies complete)."""
@@ -321,11 +322,6 @@ class Conversion:
         for f in (self.labels, self.dense, self.sparse, self.spill):
             if f is not None:
                 f.close()
-
-
-def squeeze(ids: np.ndarray) -> np.ndarray:
-    """[B, T, 1] -> [B, T]; multi-hot ids keep their hotness axis."""
-    return ids[:, :, 0] if ids.shape[2] == 1 else ids
 
 
 def convert(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlet.data.encoding import OOV_ID
+from mlet.data.encoding import MISSING_ID, OOV_ID
 from mlet.data.formats import SourceFormat
 
 
@@ -41,13 +41,13 @@ class Summary:
         if features.labels is not None:
             self.positives += int(features.labels.sum(dtype=np.int64))
         self.empty_dense += features.empty_dense
-        self.empty_tables += [int(k.missing.all(axis=1).sum()) for k in features.keys]
+        self.empty_tables += features.empty_tables
 
-    def add_held_out(self, ids: np.ndarray, present: np.ndarray) -> None:
-        """Ids [B, T(, H)] of validation/test rows and which slots hold a value [B, T, H]."""
-        oov = ids.reshape(present.shape) == OOV_ID
-        self.held_out_values += present.sum(axis=(0, 2))
-        self.held_out_oov += (oov & present).sum(axis=(0, 2))
+    def add_held_out(self, ids: np.ndarray) -> None:
+        """Ids [B, T(, H)] of validation/test rows."""
+        values, oov = value_counts(ids)
+        self.held_out_values += values
+        self.held_out_oov += oov
 
     def to_dict(self, transform, rows: int, seconds: float) -> dict:
         tables = {}
@@ -72,6 +72,14 @@ class Summary:
             "tables": tables,
             "table_bytes_at_d16": 4 * 16 * sum(t.rows for t in transform.tables),
         }
+
+
+def value_counts(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, ids equal to the OOV id) per table [T] of ids [B, T(, H)]: every id but
+    the missing id 0 is a value; the OOV id means out of vocabulary in vocab tables only."""
+    by_table = ids.reshape(len(ids), ids.shape[1], -1)
+    values = (by_table != MISSING_ID).sum(axis=(0, 2))
+    return values, (by_table == OOV_ID).sum(axis=(0, 2))
 
 
 def format_summary(summary: dict) -> str:

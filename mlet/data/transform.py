@@ -21,10 +21,12 @@ from mlet.data.encoding import (
     ColumnKeys,
     TableEncoder,
     dictionary_keys,
+    gathered_ids,
     hex_keys,
     hour_keys,
     load_vocabulary,
     split_multi_hot,
+    stacked_positions,
     string_keys,
     vocabulary_file,
 )
@@ -43,6 +45,7 @@ class Features:
     dense: np.ndarray  # float32 [B, F], empty values 0
     keys: list[ColumnKeys]  # one per table
     empty_dense: np.ndarray  # int64 [F] empty values per dense column
+    empty_tables: np.ndarray  # int64 [T] rows without a value per table
 
 
 @dataclass
@@ -78,30 +81,31 @@ class Transform:
             hours = batch.column(fmt.hour).to_numpy(zero_copy_only=False)
             hour, weekday = with_column(fmt.hour, hour_keys, hours)
             keys += [small_keys(hour, 24, self.hotness), small_keys(weekday, 7, self.hotness)]
-        return Features(labels, dense, keys, empty_dense)
+        empty_tables = np.array([k.empty_rows() for k in keys], np.int64)
+        return Features(labels, dense, keys, empty_dense, empty_tables)
 
     def column_keys(self, name: str, column: pa.Array) -> ColumnKeys:
         """The keys of one categorical column, H slots per row."""
         key_of = hex_keys if self.fmt.keys == "hex" else string_keys
         separator = self.fmt.multi_hot.get(name)
         if separator is None:
-            distinct, positions, missing = dictionary_keys(column, key_of)
-            return ColumnKeys(distinct, positions[:, None], missing[:, None]).widened(self.hotness)
+            distinct, missing, positions = dictionary_keys(column, key_of)
+            return ColumnKeys(distinct, missing, positions[:, None]).widened(self.hotness)
         values, present = split_multi_hot(column, separator, self.hotness)
         try:
-            distinct, positions, missing = dictionary_keys(values, key_of)
+            distinct, missing, positions = dictionary_keys(values, key_of)
         except BadValue as e:  # its row counts flattened values: H per row
             raise BadValue(e.row // self.hotness, str(e)) from e
-        shape = present.shape
-        return ColumnKeys(distinct, positions.reshape(shape), missing.reshape(shape) | ~present)
+        keys = ColumnKeys(distinct, missing, positions.reshape(present.shape))
+        return keys.with_empty_slots(~present)
 
     def encode(self, keys: list[ColumnKeys]) -> np.ndarray:
         """Keys of T tables -> int32 ids [B, T] (hotness 1) or [B, T, H]."""
-        rows = len(keys[0].positions) if keys else 0
-        ids = np.empty((rows, len(self.tables), self.hotness), np.int32)
-        for t, (table, table_keys) in enumerate(zip(self.tables, keys, strict=True)):
-            ids[:, t] = table.encode(table_keys)
-        return ids[:, :, 0] if self.hotness == 1 else ids
+        lookups = [
+            table.distinct_ids(k.distinct, k.missing)
+            for table, k in zip(self.tables, keys, strict=True)
+        ]
+        return squeeze(gathered_ids(lookups, stacked_positions(keys)))
 
     def to_dict(self) -> dict:
         return {
@@ -124,8 +128,13 @@ class Transform:
 def small_keys(values: np.ndarray, size: int, hotness: int) -> ColumnKeys:
     """Keys 0..size-1 that are their own positions (the derived hour tables)."""
     positions = values.astype(np.int32)[:, None]
-    keys = ColumnKeys(np.arange(size, dtype=np.uint64), positions, np.zeros(positions.shape, bool))
+    keys = ColumnKeys(np.arange(size, dtype=np.uint64), np.zeros(size, bool), positions)
     return keys.widened(hotness)
+
+
+def squeeze(ids: np.ndarray) -> np.ndarray:
+    """[B, T, 1] -> [B, T]; multi-hot ids keep their hotness axis."""
+    return ids[:, :, 0] if ids.shape[2] == 1 else ids
 
 
 def with_column(name: str, function, *args):
