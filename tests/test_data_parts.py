@@ -1,6 +1,7 @@
 """Files cut into parts read by several threads give the dataset one thread gives."""
 
 import gzip
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def test_an_error_in_a_later_part_names_its_file_line(tmp_path):
     with pytest.raises(DataFormatError, match=r"day.tsv:458: expected 40 tab-separated"):
         convert(tmp_path / "day.tsv", criteo_format(), tmp_path / "d", ConvertConfig(**MANY_PARTS))
     assert not (tmp_path / "d").exists()
+    assert not [t for t in threading.enumerate() if t.name == "mlet-data-reader"]
 
 
 def test_a_bad_value_in_a_later_part_names_its_line_and_column(tmp_path):
@@ -113,6 +115,9 @@ def test_a_bad_value_in_a_later_part_names_its_line_and_column(tmp_path):
     (tmp_path / "day.tsv").write_text("".join(lines))
     with pytest.raises(DataFormatError, match=r"day.tsv:501: column 'C1': not hexadecimal"):
         convert(tmp_path / "day.tsv", criteo_format(), tmp_path / "d", ConvertConfig(**MANY_PARTS))
+    # the thread that hands parts to the pool has stopped (were it left to the garbage
+    # collector, its cleanup could run inside a later conversion's pool and deadlock it)
+    assert not [t for t in threading.enumerate() if t.name == "mlet-data-reader"]
 
 
 def test_values_decoded_through_their_dictionary_match_per_value_decoding(tmp_path):

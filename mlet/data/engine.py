@@ -353,7 +353,10 @@ def convert(
             conversion = Conversion(staging, transform, rows, config, pool)
             try:
                 tasks = (pool.submit(task) for task in work(parts, transform, config.chunk_rows))
-                add_all(conversion, prefetched(tasks, depth=workers + 1), paths, config.progress)
+                # closed here, not by the garbage collector: on an error its thread must
+                # stop before the pool shuts down (a finalizer may run in any thread)
+                with contextlib.closing(prefetched(tasks, depth=workers + 1)) as done:
+                    add_all(conversion, done, paths, config.progress)
                 conversion.finish()
             finally:
                 conversion.close()
