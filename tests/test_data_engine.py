@@ -8,7 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlet.data.dataset import load_dataset
-from mlet.data.encoding import FIRST_VOCAB_ID, MISSING_ID, OOV_ID, fnv1a64, hex_keys
+from mlet.data.encoding import (
+    FIRST_VOCAB_ID,
+    MISSING_ID,
+    OOV_ID,
+    BadValue,
+    fnv1a64,
+    hex_column_keys,
+    hex_keys,
+)
 from mlet.data.engine import ConvertConfig, convert
 from mlet.data.formats import avazu_format, criteo_format, csv_format
 from mlet.data.transform import copy_vocabularies, load_transform
@@ -34,6 +42,25 @@ def test_hex_keys_read_criteo_values_exactly():
     keys, missing = hex_keys(pa.array([v.encode() for v in values], pa.binary()))
     assert missing.tolist() == [True, False, False, False, False]
     assert keys[1:].tolist() == [int(v, 16) for v in values[1:]]
+
+
+@pytest.mark.parametrize("odd", [None, "a"])  # all 8 digits or empty (word route), or not
+def test_hex_column_keys_give_every_value_its_key_and_empty_values_one_missing_entry(odd):
+    values = ["05db9164", "", "deadBEEF", "05db9164", None, "FFFFFFFF", "00000000", odd]
+    distinct, missing, positions = hex_column_keys(pa.array(values, pa.binary()))
+    for value, position in zip(values, positions, strict=True):
+        assert missing[position] == (not value)
+        if value:
+            assert distinct[position] == int(value, 16)
+    assert positions[0] == positions[3]  # one entry per distinct value
+
+
+@pytest.mark.parametrize("bad", ["0000000g", "\0" * 8, "00000-01"])
+def test_hex_column_keys_name_the_first_row_that_is_not_hexadecimal(bad):
+    values = ["05db9164", "", bad, "05db9164", bad]
+    with pytest.raises(BadValue, match="not hexadecimal") as raised:
+        hex_column_keys(pa.array(values, pa.binary()))
+    assert raised.value.row == 2
 
 
 def test_fnv1a64_is_the_published_hash():

@@ -126,6 +126,36 @@ def dictionary_keys(array: pa.Array, key_of) -> tuple[np.ndarray, np.ndarray, np
     return distinct, missing, positions
 
 
+def hex_column_keys(array: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct keys [D], missing [D], positions [n]) of a column of hexadecimal values.
+
+    When every value is 8 digits or empty (Criteo's are), each is read as one 64-bit word
+    and the words are dictionary-encoded instead of the strings (integers hash in about
+    half the time); only the distinct words are then decoded and checked.
+    """
+    offsets, data = binary_parts(array)
+    lengths = np.diff(offsets)
+    eight = lengths == 8
+    if not np.array_equal(eight, lengths != 0):  # other lengths (a null has length 0)
+        return dictionary_keys(array, hex_keys)
+    words = np.zeros(len(array), "<u8")  # an empty value is word 0: no 8 digits make it
+    words[eight] = data[offsets[0] : offsets[-1]].copy().view("<u8")
+    encoded = pa.array(words).dictionary_encode()
+    positions = encoded.indices.to_numpy()
+    distinct_words = encoded.dictionary.to_numpy()
+    keys, valid = hex_words(distinct_words)
+    missing = distinct_words == 0
+    bad = ~(valid | missing)
+    if bad.any():
+        raise BadValue(int(np.argmax(positions == np.argmax(bad))), "not hexadecimal")
+    if (
+        missing.any()
+        and np.count_nonzero(positions == np.argmax(missing)) != len(eight) - eight.sum()
+    ):
+        raise BadValue(int(np.argmax(eight & (words == 0))), "not hexadecimal (NUL bytes)")
+    return keys, missing, positions
+
+
 def present_values(array: pa.Array, offsets: np.ndarray) -> np.ndarray:
     """Values that are neither empty nor null."""
     present = np.diff(offsets) != 0

@@ -22,7 +22,7 @@ from mlet.data.encoding import (
     TableEncoder,
     dictionary_keys,
     gathered_ids,
-    hex_keys,
+    hex_column_keys,
     hour_keys,
     load_vocabulary,
     split_multi_hot,
@@ -86,18 +86,23 @@ class Transform:
 
     def column_keys(self, name: str, column: pa.Array) -> ColumnKeys:
         """The keys of one categorical column, H slots per row."""
-        key_of = hex_keys if self.fmt.keys == "hex" else string_keys
         separator = self.fmt.multi_hot.get(name)
         if separator is None:
-            distinct, missing, positions = dictionary_keys(column, key_of)
+            distinct, missing, positions = self.value_keys(column)
             return ColumnKeys(distinct, missing, positions[:, None]).widened(self.hotness)
         values, present = split_multi_hot(column, separator, self.hotness)
         try:
-            distinct, missing, positions = dictionary_keys(values, key_of)
+            distinct, missing, positions = self.value_keys(values)
         except BadValue as e:  # its row counts flattened values: H per row
             raise BadValue(e.row // self.hotness, str(e)) from e
         keys = ColumnKeys(distinct, missing, positions.reshape(present.shape))
         return keys.with_empty_slots(~present)
+
+    def value_keys(self, values: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distinct keys, missing, positions) of a column's values."""
+        if self.fmt.keys == "hex":
+            return hex_column_keys(values)
+        return dictionary_keys(values, string_keys)
 
     def encode(self, keys: list[ColumnKeys]) -> np.ndarray:
         """Keys of T tables -> int32 ids [B, T] (hotness 1) or [B, T, H]."""
