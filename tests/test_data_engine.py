@@ -47,7 +47,8 @@ def test_hex_keys_read_criteo_values_exactly():
 @pytest.mark.parametrize("odd", [None, "a"])  # all 8 digits or empty (word route), or not
 def test_hex_column_keys_give_every_value_its_key_and_empty_values_one_missing_entry(odd):
     values = ["05db9164", "", "deadBEEF", "05db9164", None, "FFFFFFFF", "00000000", odd]
-    distinct, missing, positions = hex_column_keys(pa.array(values, pa.binary()))
+    keys = hex_column_keys(pa.array(values, pa.binary()))
+    distinct, missing, positions = keys.distinct, keys.missing, keys.positions[:, 0]
     for value, position in zip(values, positions, strict=True):
         assert missing[position] == (not value)
         if value:

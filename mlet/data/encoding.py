@@ -110,8 +110,8 @@ def gathered_ids(lookups: list[np.ndarray], positions: np.ndarray) -> np.ndarray
     return np.concatenate(lookups)[positions + offsets[None, :, None]]
 
 
-def dictionary_keys(array: pa.Array, key_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct keys [D], missing [D], positions [n]) of a binary column.
+def dictionary_keys(array: pa.Array, key_of) -> ColumnKeys:
+    """The keys of a binary column's values, one slot per row, through its dictionary.
 
     pyarrow's hash table finds the distinct values and every value's position among them
     (in C++); only the distinct values are then decoded by `key_of` (hex_keys or
@@ -123,11 +123,11 @@ def dictionary_keys(array: pa.Array, key_of) -> tuple[np.ndarray, np.ndarray, np
         distinct, missing = key_of(encoded.dictionary)
     except BadValue as e:  # its row is an index into the dictionary: name the first row
         raise BadValue(int(np.argmax(positions == e.row)), str(e)) from e
-    return distinct, missing, positions
+    return ColumnKeys(distinct, missing, positions[:, None])
 
 
-def hex_column_keys(array: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct keys [D], missing [D], positions [n]) of a column of hexadecimal values.
+def hex_column_keys(array: pa.Array) -> ColumnKeys:
+    """The keys of a column of hexadecimal values, one slot per row.
 
     When every value is 8 digits or empty (Criteo's are), each is read as one 64-bit word
     and the words are dictionary-encoded instead of the strings (integers hash in about
@@ -138,7 +138,7 @@ def hex_column_keys(array: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray
     eight = lengths == 8
     if not np.array_equal(eight, lengths != 0):  # other lengths (a null has length 0)
         return dictionary_keys(array, hex_keys)
-    words = np.zeros(len(array), "<u8")  # an empty value is word 0: no 8 digits make it
+    words = np.zeros(len(array), "<u8")  # an empty value is word 0, as 8 NUL bytes are
     words[eight] = data[offsets[0] : offsets[-1]].copy().view("<u8")
     encoded = pa.array(words).dictionary_encode()
     positions = encoded.indices.to_numpy()
@@ -148,12 +148,10 @@ def hex_column_keys(array: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray
     bad = ~(valid | missing)
     if bad.any():
         raise BadValue(int(np.argmax(positions == np.argmax(bad))), "not hexadecimal")
-    if (
-        missing.any()
-        and np.count_nonzero(positions == np.argmax(missing)) != len(eight) - eight.sum()
-    ):
+    column = ColumnKeys(keys, missing, positions[:, None])
+    if column.counts()[missing].sum() != len(eight) - eight.sum():
         raise BadValue(int(np.argmax(eight & (words == 0))), "not hexadecimal (NUL bytes)")
-    return keys, missing, positions
+    return column
 
 
 def present_values(array: pa.Array, offsets: np.ndarray) -> np.ndarray:

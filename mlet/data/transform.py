@@ -88,18 +88,17 @@ class Transform:
         """The keys of one categorical column, H slots per row."""
         separator = self.fmt.multi_hot.get(name)
         if separator is None:
-            distinct, missing, positions = self.value_keys(column)
-            return ColumnKeys(distinct, missing, positions[:, None]).widened(self.hotness)
+            return self.value_keys(column).widened(self.hotness)
         values, present = split_multi_hot(column, separator, self.hotness)
         try:
-            distinct, missing, positions = self.value_keys(values)
+            keys = self.value_keys(values)
         except BadValue as e:  # its row counts flattened values: H per row
             raise BadValue(e.row // self.hotness, str(e)) from e
-        keys = ColumnKeys(distinct, missing, positions.reshape(present.shape))
-        return keys.with_empty_slots(~present)
+        slots = ColumnKeys(keys.distinct, keys.missing, keys.positions.reshape(present.shape))
+        return slots.with_empty_slots(~present)
 
-    def value_keys(self, values: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(distinct keys, missing, positions) of a column's values."""
+    def value_keys(self, values: pa.Array) -> ColumnKeys:
+        """The keys of a column's values, one slot per value."""
         if self.fmt.keys == "hex":
             return hex_column_keys(values)
         return dictionary_keys(values, string_keys)
