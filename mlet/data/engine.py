@@ -10,7 +10,8 @@ this thread takes them in file order, writes labels and dense values straight to
 output, so memory is bounded by the parts in flight whatever the file length) and counts
 the categorical keys of the training rows. Each training chunk's distinct keys wait in a
 temporary file (its rows' positions among them in sparse.npy) until the vocabularies are
-complete; later rows are encoded as read.
+complete; later rows are encoded by tasks in the pool as they arrive. Hashed tables need
+no vocabulary, so the threads that read such rows encode them too.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from mlet.data.encoding import (
 )
 from mlet.data.formats import DataFormatError, SourceFormat, check_columns, file_columns
 from mlet.data.parts import Part, plan_parts, read_part
-from mlet.data.summary import Summary
+from mlet.data.summary import Summary, value_counts
 from mlet.data.transform import Features, Transform, squeeze
 from mlet.files import staged_directory, write_json
 
@@ -108,7 +109,7 @@ class NpyFile:
         os.ftruncate(self.fd, self.data_start + self.row_bytes * shape[0])
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
+        data = memoryview(np.ascontiguousarray(rows, dtype=self.dtype).reshape(-1).view(np.uint8))
         offset = self.data_start + start * self.row_bytes
         while data:
             written = os.pwrite(self.fd, data, offset)
@@ -126,10 +127,12 @@ class NpyFile:
 
 @dataclass
 class Chunk:
-    """Rows [start, start + rows) of the dataset, read and checked."""
+    """Rows [start, start + rows) of the dataset, read and checked; `ids` are encoded
+    where reading them needs no vocabulary (every table hashed)."""
 
     start: int
     features: Features
+    ids: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -160,7 +163,8 @@ def read_chunks(
     first_line = 1 + (1 if fmt.header else 0) + part.file_row
     for done, batch in batches if batches is not None else part_chunks(part, fmt, chunk_rows):
         features = transform.features(batch, str(part.path), first_line + done)
-        chunks.append(Chunk(part.start + done, features))
+        ids = transform.encode(features.keys) if transform.hashed else None
+        chunks.append(Chunk(part.start + done, features, ids))
     return chunks
 
 
@@ -224,8 +228,8 @@ class Conversion:
     Training rows are hashed once: each chunk's distinct keys per table are counted and
     spilled to a temporary file, and the rows' positions among them (local ids) wait in
     sparse.npy; once the vocabularies are complete, tasks in `pool` map every chunk's
-    distinct keys to ids and rewrite its rows through that small table, while this thread
-    goes on with the validation and test rows.
+    distinct keys to ids and rewrite its rows through that small table, and encode the
+    validation and test rows that this thread hands them.
     """
 
     def __init__(
@@ -250,6 +254,7 @@ class Conversion:
         self.pending: list[tuple[int, int, list[tuple[int, int]]]] = []  # start, rows, spans
         self.counters = [KeyCounter() for _ in transform.tables] if self.train_end else []
         self.rewrites: list[Future] = []
+        self.held_out: list[Future] = []  # each gives (values, OOV values) per table
         self.summary = Summary.start(fmt, transform)
 
     def add(self, chunk: Chunk) -> None:
@@ -264,8 +269,11 @@ class Conversion:
             return
         if self.counters and start + cut == self.train_end:
             self.build_vocabularies()
+        if chunk.ids is not None:
+            self.sparse.write(start, chunk.ids)
+            return
         keys = [k.rows(cut, count) for k in features.keys]
-        self.write_ids(start + cut, keys, held_out=self.train_end > 0)  # OOV: vocab only
+        self.held_out.append(self.pool.submit(self.write_held_out, start + cut, keys))
 
     def hold_training_rows(self, start: int, rows: int, keys: list[ColumnKeys]) -> None:
         """Count each table's distinct keys; park the rows' positions among them in sparse.npy
@@ -301,24 +309,27 @@ class Conversion:
         positions = self.sparse.read(start, count).reshape(count, len(spans), -1)
         self.sparse.write(start, squeeze(gathered_ids(lookups, positions)))
 
-    def write_ids(self, start: int, keys: list[ColumnKeys], held_out: bool) -> None:
+    def write_held_out(self, start: int, keys: list[ColumnKeys]) -> tuple[np.ndarray, np.ndarray]:
+        """Encode and write validation/test rows (in the pool); their value counts."""
         ids = self.transform.encode(keys)
         self.sparse.write(start, ids)
-        if held_out:
-            self.summary.add_held_out(ids)
+        return value_counts(ids)
 
     def finish(self) -> None:
-        """Wait until the training rows are encoded (the vocabularies complete)."""
+        """Wait until every row is encoded (the vocabularies complete)."""
         if self.counters:
             self.build_vocabularies()
         for rewrite in self.rewrites:
             rewrite.result()
+        for task in self.held_out:
+            self.summary.add_held_out(*task.result())
         self.close()
 
     def close(self) -> None:
-        for rewrite in self.rewrites:  # none may write to a closed (or reused) descriptor
-            rewrite.cancel()
-        wait(self.rewrites)
+        tasks = self.rewrites + self.held_out
+        for task in tasks:  # none may write to a closed (or reused) descriptor
+            task.cancel()
+        wait(tasks)
         for f in (self.labels, self.dense, self.sparse, self.spill):
             if f is not None:
                 f.close()

@@ -43,9 +43,8 @@ class Summary:
         self.empty_dense += features.empty_dense
         self.empty_tables += features.empty_tables
 
-    def add_held_out(self, ids: np.ndarray) -> None:
-        """Ids [B, T(, H)] of validation/test rows."""
-        values, oov = value_counts(ids)
+    def add_held_out(self, values: np.ndarray, oov: np.ndarray) -> None:
+        """Value counts [T] of validation/test rows (`value_counts` of their ids)."""
         self.held_out_values += values
         self.held_out_oov += oov
 

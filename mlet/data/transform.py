@@ -55,6 +55,11 @@ class Transform:
     hotness: int = 1
 
     @property
+    def hashed(self) -> bool:
+        """Every table hashed: ids need no vocabulary, so any thread may encode them."""
+        return all(table.encoding == "hash" for table in self.tables)
+
+    @property
     def table_sizes(self) -> tuple[int, ...]:
         return tuple(t.rows for t in self.tables)
 
