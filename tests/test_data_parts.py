@@ -129,3 +129,22 @@ def test_values_decoded_through_their_dictionary_match_per_value_decoding(tmp_pa
     assert np.load(tmp_path / "d" / "vocab.C1.npy").tolist() == [10, 11]
     sparse = np.load(tmp_path / "d" / "sparse.npy")
     assert sparse[:16, 0].tolist() == [2, 2, 2, 3] * 4
+
+
+@pytest.mark.parametrize("count", ["2.5", "x1", "1e39"])
+def test_a_count_that_is_not_a_whole_number_is_read_as_a_float(tmp_path, count):
+    # Criteo's parts are parsed with integer counts first, then again as floats, which
+    # also say where a bad value is.
+    lines = criteo_rows(600)
+    fields = lines[450].split("\t")
+    fields[1] = count  # I1
+    lines[450] = "\t".join(fields)
+    (tmp_path / "day.tsv").write_text("".join(lines))
+    config = ConvertConfig(**MANY_PARTS)
+    if count != "2.5":
+        with pytest.raises(DataFormatError, match=r"day.tsv:451: column 'I1': "):
+            convert(tmp_path / "day.tsv", criteo_format(), tmp_path / "d", config)
+        return
+    convert(tmp_path / "day.tsv", criteo_format(), tmp_path / "d", config)
+    dense = np.load(tmp_path / "d" / "dense.npy")
+    assert dense[450, 0] == 2.5 and dense[449, 0] == 449 and dense[451, 0] == 451

@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
@@ -40,7 +40,7 @@ from mlet.data.encoding import (
     stacked_positions,
 )
 from mlet.data.formats import DataFormatError, SourceFormat, check_columns, file_columns
-from mlet.data.parts import Part, plan_parts, read_part
+from mlet.data.parts import Part, plan_parts, read_part, whole_dense_first
 from mlet.data.summary import Summary, value_counts
 from mlet.data.transform import Features, Transform, squeeze
 from mlet.files import staged_directory, write_json
@@ -140,12 +140,12 @@ class Chunk:
 
 
 def part_chunks(
-    part: Part, fmt: SourceFormat, chunk_rows: int
+    part: Part, fmt: SourceFormat, chunk_rows: int, whole_dense: bool = False
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(row within the part, batch of about `chunk_rows` rows) of one part, in order."""
     pending: list[pa.RecordBatch] = []
     done = pending_rows = 0
-    for batch in read_part(part, fmt):
+    for batch in read_part(part, fmt, whole_dense):
         pending.append(batch)
         pending_rows += batch.num_rows
         if pending_rows >= chunk_rows:
@@ -159,9 +159,24 @@ def read_chunks(
     part: Part, transform: Transform, chunk_rows: int, batches: list | None = None
 ) -> list[Chunk]:
     """Parse (unless `batches` are given) and check one part's rows."""
-    fmt, chunks = transform.fmt, []
-    first_line = 1 + (1 if fmt.header else 0) + part.file_row
-    for done, batch in batches if batches is not None else part_chunks(part, fmt, chunk_rows):
+    fmt = transform.fmt
+    if batches is None and whole_dense_first(part, fmt):
+        try:
+            return checked_chunks(part, transform, part_chunks(part, fmt, chunk_rows, True))
+        except pa.ArrowInvalid:  # a count that is no integer, or bad input: read as floats,
+            pass  # which says where any error is
+    if batches is None:
+        batches = part_chunks(part, fmt, chunk_rows)
+    return checked_chunks(part, transform, batches)
+
+
+def checked_chunks(
+    part: Part, transform: Transform, batches: Iterable[tuple[int, pa.RecordBatch]]
+) -> list[Chunk]:
+    """The features (and hashed ids) of a part's batches, checked."""
+    chunks = []
+    first_line = 1 + (1 if transform.fmt.header else 0) + part.file_row
+    for done, batch in batches:
         features = transform.features(batch, str(part.path), first_line + done)
         ids = transform.encode(features.keys) if transform.hashed else None
         chunks.append(Chunk(part.start + done, features, ids))

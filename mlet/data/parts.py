@@ -169,18 +169,22 @@ def lines_in(blocks: Iterable[bytes]) -> int:
     return lines + (last != b"\n")
 
 
-def read_part(part: Part, fmt: SourceFormat) -> Iterator[pa.RecordBatch]:
-    """The part's rows as record batches of the needed columns (at most `part.rows`)."""
-    if part.whole_file:
+def read_part(part: Part, fmt: SourceFormat, whole_dense: bool = False) -> Iterator[pa.RecordBatch]:
+    """The part's rows as record batches of the needed columns (at most `part.rows`).
+
+    `whole_dense` (text parts only) parses dense values as int64 and lets pyarrow's error
+    through as it is, for a caller that then reads the part as floats.
+    """
+    if whole_dense:
+        batches = csv_reader(part_text(part), fmt, file_columns(part.path, fmt), False, True)
+    elif part.whole_file:
         batches = read_batches(part.path, fmt)
     elif is_parquet(part.path):
         batches = parquet_group(pq.ParquetFile(part.path), part.offset, part.path, fmt)
     else:
-        with pa.OSFile(str(part.path)) as f:
-            text = f.read_at(part.length, part.offset)
         names = file_columns(part.path, fmt)
         batches = located(
-            lambda: csv_reader(pa.BufferReader(text), fmt, names, use_threads=False),
+            lambda: csv_reader(part_text(part), fmt, names, use_threads=False),
             part.path,
             fmt,
             part.file_row,
@@ -194,3 +198,15 @@ def read_part(part: Part, fmt: SourceFormat) -> Iterator[pa.RecordBatch]:
             yield batch
         if left == 0:
             return
+
+
+def part_text(part: Part) -> pa.BufferReader:
+    """The bytes of a text part, in memory."""
+    with pa.OSFile(str(part.path)) as f:
+        return pa.BufferReader(f.read_at(part.length, part.offset))
+
+
+def whole_dense_first(part: Part, fmt: SourceFormat) -> bool:
+    """Whether to parse a part's dense values as integers first: Criteo's text parts,
+    whose dense values are counts (a gzip file cannot be parsed again cheaply)."""
+    return fmt.kind == "criteo" and not part.whole_file and not is_parquet(part.path)
