@@ -735,7 +735,7 @@ def add_bench_data(bench) -> None:
     command.add_argument("--rows", type=int, default=1_000_000, help="rows of the test file")
     command.add_argument("--memory-rows", type=int_list, default=[1_000_000, 4_000_000],
                          help="file lengths whose peak memory is measured")  # fmt: skip
-    command.add_argument("--repetitions", type=int, default=2, help="interleaved rounds")
+    command.add_argument("--repetitions", type=int, default=3, help="interleaved rounds")
     command.add_argument("--work", help="where the generated files go (default: a temp dir)")
     command.add_argument("--out", required=True, help="results folder")
     command.set_defaults(handler=cmd_bench_data)

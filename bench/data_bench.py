@@ -38,7 +38,7 @@ ENGINES = ("old", "vocab", "hash")
 class DataBenchConfig:
     rows: int = 1_000_000
     memory_rows: tuple[int, ...] = (1_000_000, 4_000_000)
-    repetitions: int = 2  # each reader's best run counts: the machine may be shared
+    repetitions: int = 3  # each reader's best run counts: the machine may be shared
     seed: int = 0
 
 

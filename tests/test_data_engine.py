@@ -19,6 +19,7 @@ from mlet.data.encoding import (
 )
 from mlet.data.engine import ConvertConfig, convert
 from mlet.data.formats import avazu_format, criteo_format, csv_format
+from mlet.data.summary import value_counts
 from mlet.data.transform import copy_vocabularies, load_transform
 
 QUIET = {"progress": False}
@@ -258,3 +259,11 @@ def test_cli_front_doors_print_the_summary(tmp_path, capsys):
     assert main(args) == 0
     assert load_dataset(tmp_path / "c").sparse.shape == (10, 2, 3)
     assert main([*args[:-4], "--hotness", "1", "--overwrite"]) == 2  # multi-hot needs H >= 2
+
+
+def test_value_counts_count_every_id_but_missing_and_the_oov_id_per_table():
+    ids = np.array([[[MISSING_ID, 5], [OOV_ID, OOV_ID]], [[7, OOV_ID], [MISSING_ID, 2]]])
+    values, oov = value_counts(ids)  # [B=2, T=2, H=2]
+    assert values.tolist() == [3, 3] and oov.tolist() == [1, 2]
+    values, oov = value_counts(ids[:, :, 0])  # hotness 1: [B, T]
+    assert values.tolist() == [1, 1] and oov.tolist() == [0, 1]
