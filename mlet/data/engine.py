@@ -163,8 +163,8 @@ def read_chunks(
     if batches is None and whole_dense_first(part, fmt):
         try:
             return checked_chunks(part, transform, part_chunks(part, fmt, chunk_rows, True))
-        except pa.ArrowInvalid:  # a count that is no integer, or bad input: read as floats,
-            pass  # which says where any error is
+        except pa.ArrowInvalid:  # a count that is no whole number, or bad input:
+            pass  # the float pass below reads it, or says where the error is
     if batches is None:
         batches = part_chunks(part, fmt, chunk_rows)
     return checked_chunks(part, transform, batches)

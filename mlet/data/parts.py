@@ -176,7 +176,8 @@ def read_part(part: Part, fmt: SourceFormat, whole_dense: bool = False) -> Itera
     through as it is, for a caller that then reads the part as floats.
     """
     if whole_dense:
-        batches = csv_reader(part_text(part), fmt, file_columns(part.path, fmt), False, True)
+        names = file_columns(part.path, fmt)
+        batches = csv_reader(part_text(part), fmt, names, use_threads=False, whole_dense=True)
     elif part.whole_file:
         batches = read_batches(part.path, fmt)
     elif is_parquet(part.path):
