@@ -13,6 +13,7 @@ from mlet.data.encoding import (
     MISSING_ID,
     OOV_ID,
     BadValue,
+    KeyCounter,
     fnv1a64,
     hex_column_keys,
     hex_keys,
@@ -267,3 +268,19 @@ def test_value_counts_count_every_id_but_missing_and_the_oov_id_per_table():
     assert values.tolist() == [3, 3] and oov.tolist() == [1, 2]
     values, oov = value_counts(ids[:, :, 0])  # hotness 1: [B, T]
     assert values.tolist() == [1, 1] and oov.tolist() == [0, 1]
+
+
+def test_key_counter_vocabularies_hold_keys_seen_min_count_times_across_merges():
+    rng = np.random.default_rng(0)
+    counter, seen = KeyCounter(merge_above=50), {}  # merges (group_by) every few batches
+    for _ in range(20):
+        keys = np.unique(rng.integers(0, 2**63, 30, dtype=np.uint64) % np.uint64(200))
+        counts = rng.integers(1, 4, len(keys))
+        counter.add_counts(keys, counts)
+        for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
+            seen[key] = seen.get(key, 0) + count
+    for min_count in (1, 2, 10):
+        expected = sorted(k for k, c in seen.items() if c >= min_count)
+        vocabulary = counter.vocabulary(min_count)
+        assert vocabulary.dtype == np.uint64 and vocabulary.tolist() == expected
+    assert KeyCounter().vocabulary(1).tolist() == [] == KeyCounter().vocabulary(2).tolist()

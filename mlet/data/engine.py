@@ -298,8 +298,8 @@ class Conversion:
             present = ~table_keys.missing
             counter.add_counts(table_keys.distinct[present], table_keys.counts()[present])
             spans.append((self.spill.tell(), len(table_keys.distinct)))
-            self.spill.write(table_keys.distinct.astype("<u8", copy=False).tobytes())
-            self.spill.write(table_keys.missing.tobytes())
+            self.spill.write(np.ascontiguousarray(table_keys.distinct, "<u8"))
+            self.spill.write(np.ascontiguousarray(table_keys.missing))
         self.sparse.write(start, squeeze(stacked_positions(keys)))
         self.pending.append((start, rows, spans))
 
