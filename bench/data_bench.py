@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -69,8 +70,20 @@ def generate_criteo(path: Path, rows: int, seed: int = 0, chunk: int = 250_000) 
             pacsv.write_csv(pa.table(columns, names=names), f, options)
 
 
+def stolen_seconds() -> float | None:
+    """CPU seconds the hypervisor gave to other guests so far, over all CPUs (the steal
+    column of /proc/stat); None where the kernel does not say."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def measure(file: Path, engine: str, out: Path) -> dict:
-    """Convert `file` with one engine in this process: seconds and peak memory."""
+    """Convert `file` with one engine in this process: seconds, peak memory, and the CPU
+    time the host took away meanwhile (a run it took much from is slower for that)."""
+    stolen_before = stolen_seconds()
     started = time.perf_counter()
     if engine == "old":
         from mlet.data.criteo import CriteoConfig, convert
@@ -83,7 +96,15 @@ def measure(file: Path, engine: str, out: Path) -> dict:
         schema = convert(file, criteo_format(), out, ConvertConfig(encoding=engine, progress=False))
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"engine": engine, "rows": schema.rows, "seconds": seconds, "peak_bytes": peak}
+    stolen_after = stolen_seconds()
+    stolen = None if stolen_before is None else stolen_after - stolen_before
+    return {
+        "engine": engine,
+        "rows": schema.rows,
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "stolen_seconds": stolen,
+    }
 
 
 def measure_in_subprocess(file: Path, engine: str, work: Path) -> dict:
@@ -146,9 +167,11 @@ def rows_per_s(entry: dict) -> float:
 
 
 def line(entry: dict) -> str:
+    stolen = entry.get("stolen_seconds")
     return (
         f"{entry['rows']:,} rows in {entry['seconds']:.2f} s ({rows_per_s(entry):,.0f} rows/s), "
         f"peak memory {entry['peak_bytes'] / 2**20:,.0f} MiB"
+        + (f", {stolen:.1f} s of CPU stolen by the host" if stolen is not None else "")
     )
 
 
@@ -171,6 +194,9 @@ def report(results: dict) -> str:
             f"| {entry['peak_bytes'] / 2**20:,.0f} MiB | {duration(KAGGLE_LINES / rate)} "
             f"| {duration(TERABYTE_DAY_LINES / rate)} |"
         )
+    lines += ["", "Every interleaved run (CPU seconds the host took away, where it says):", ""]
+    for engine, entries in results["runs"].items():
+        lines.append(f"- {engine}: " + ", ".join(map(run_text, entries)))
     lines += [
         "",
         "Peak memory of the engine against file length (with vocabularies it also holds the",
@@ -181,6 +207,11 @@ def report(results: dict) -> str:
         lines.append(f"- {name.split()[0]}, {entry['rows']:,} rows: {line(entry)}")
     lines.append("")
     return "\n".join(lines)
+
+
+def run_text(entry: dict) -> str:
+    stolen = entry.get("stolen_seconds")
+    return f"{entry['seconds']:.2f} s" + (f" ({stolen:.1f} s stolen)" if stolen is not None else "")
 
 
 def duration(seconds: float) -> str:

@@ -26,4 +26,6 @@ def test_bench_reports_every_reader_and_file_length(tmp_path):
     assert all(e["peak_bytes"] > 0 for e in results["memory"].values())
     report = (tmp_path / "data.md").read_text()
     assert "| old |" in report and "1.0x" in report and "Terabyte day" in report
+    stolen = [r["stolen_seconds"] for runs in results["runs"].values() for r in runs]
+    assert all(s is None or s >= 0 for s in stolen) and "- vocab: " in report
     assert json.loads((tmp_path / "data.json").read_text())["file_bytes"] > 0
