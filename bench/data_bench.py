@@ -97,7 +97,7 @@ def measure(file: Path, engine: str, out: Path) -> dict:
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     stolen_after = stolen_seconds()
-    stolen = None if stolen_before is None else stolen_after - stolen_before
+    stolen = None if None in (stolen_before, stolen_after) else stolen_after - stolen_before
     return {
         "engine": engine,
         "rows": schema.rows,

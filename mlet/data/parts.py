@@ -175,21 +175,18 @@ def read_part(part: Part, fmt: SourceFormat, whole_dense: bool = False) -> Itera
     `whole_dense` (text parts only) parses dense values as int64 and lets pyarrow's error
     through as it is, for a caller that then reads the part as floats.
     """
-    if whole_dense:
-        names = file_columns(part.path, fmt)
-        batches = csv_reader(part_text(part), fmt, names, use_threads=False, whole_dense=True)
-    elif part.whole_file:
+    if part.whole_file:
         batches = read_batches(part.path, fmt)
     elif is_parquet(part.path):
         batches = parquet_group(pq.ParquetFile(part.path), part.offset, part.path, fmt)
     else:
         names = file_columns(part.path, fmt)
-        batches = located(
-            lambda: csv_reader(part_text(part), fmt, names, use_threads=False),
-            part.path,
-            fmt,
-            part.file_row,
-        )
+
+        def reader() -> Iterator[pa.RecordBatch]:
+            text = part_text(part)
+            return csv_reader(text, fmt, names, use_threads=False, whole_dense=whole_dense)
+
+        batches = reader() if whole_dense else located(reader, part.path, fmt, part.file_row)
     left = part.rows
     for batch in batches:
         if batch.num_rows > left:
