@@ -52,10 +52,10 @@ test: $(STAMP) $(BROWSER) $(TRITON_STAMP) $(WRK)
 # MovieLens-100k from RecBole's wheel on the package index (the only network used); only
 # its three ml-100k files are read, recbole itself is not installed.
 movielens: $(STAMP)
-	rm -rf data/.recbole && mkdir -p data/.recbole
-	$(BIN)/pip download --no-deps --quiet --dest data/.recbole recbole
-	$(BIN)/mlet data movielens data/.recbole/recbole-*.whl --out data/movielens --overwrite
-	rm -rf data/.recbole
+	rm -rf datasets/.recbole && mkdir -p datasets/.recbole
+	$(BIN)/pip download --no-deps --quiet --dest datasets/.recbole recbole
+	$(BIN)/mlet data movielens datasets/.recbole/recbole-*.whl --out datasets/movielens --overwrite
+	rm -rf datasets/.recbole
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

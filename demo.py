@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.load import LoadConfig, run_load
+from bench.load.load_test import LoadConfig, run_load
+from data.synthetic import SyntheticConfig, generate
 from export.exporter import ExportConfig, export_variants
-from mlet.data.dataset import DataSchema
-from mlet.data.synthetic import SyntheticConfig, generate
+from mlet.dataset import DataSchema
 from mlet.files import read_json
 from mlet.markdown import markdown_table
 from mlet.repository import Manifest

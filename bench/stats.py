@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -27,3 +28,14 @@ def median_and_spread(values: Sequence[float]) -> dict:
     middle = statistics.median(values)
     spread = (max(values) - min(values)) / middle if middle else 0.0
     return {"median": middle, "spread": spread, "noisy": spread > NOISY_SPREAD, "values": values}
+
+
+def unmeasured_as_null(data):
+    """NaN (what a server at --url leaves unmeasured: its CPU and memory) as JSON null."""
+    if isinstance(data, float) and math.isnan(data):
+        return None
+    if isinstance(data, dict):
+        return {k: unmeasured_as_null(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [unmeasured_as_null(v) for v in data]
+    return data

@@ -42,12 +42,11 @@ from export.install import ExportResult, file_entries, install_all
 from export.references import held_out, max_abs_diff, pytorch_references
 from export.sources import RunWeights
 from export.triton_config import render_config
-from mlet.data.transform import copy_vocabularies
 from mlet.files import names_path_on_error, new_staging_directory
-from mlet.integrity import verify_run
 from mlet.repository import CONFIG_FILE, FIRST_VERSION, Manifest, write_manifest
-from mlet.run import Run, load_run, software_versions
+from mlet.run import Run, load_run, software_versions, verify_run
 from mlet.spec import ExportSpec, spec_for
+from mlet.transform import copy_vocabularies
 from mlet.variants import ONNX_VARIANTS, VARIANTS, Variant, model_name, parse_variants
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

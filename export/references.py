@@ -10,7 +10,7 @@ import torch
 
 from export.quantize import dequantize_rows, quantize_rows
 from export.sources import RunWeights
-from mlet.data.dataset import Split, load_dataset, split_rows
+from mlet.dataset import Split, load_dataset, split_rows
 from mlet.dlrm import DLRM
 from mlet.run import Run
 from mlet.spec import ExportSpec

@@ -5,7 +5,7 @@ compares the model files (the version folders) with it before a server loads the
 `config.pbtxt` is left out on purpose: as in Triton, it is the operator's to edit.
 
 A run folder records the sha256 of its weights in checksums.json (`record_run_checksums`,
-called when the run is written); export calls `verify_run_checksums` before reading them.
+called when the run is written); export calls `mlet.run.verify_run` before reading them.
 `check_finite_weights` refuses a weights file holding NaN or infinity, naming the tensor
 (and the table and row, for embedding tables), before any of it reaches an exported model.
 """
@@ -22,7 +22,6 @@ from mlet.files import read_json, sha256_file, write_json
 from mlet.weights import SafetensorsReader
 
 CHECKSUMS_FILE = "checksums.json"
-OPERATOR_FILES = {"config.pbtxt", "manifest.json"}  # edited by hand or the manifest itself
 ROWS_PER_READ = 1 << 16
 TABLE_KEY = re.compile(r"^embeddings\.tables\.(\d+)\.(table|projection)\.weight$")
 
@@ -52,14 +51,16 @@ def mismatch(folder: Path, name: str, expected: dict, record: str = "the manifes
     return None
 
 
-def verify_model_files(model_folder: str | Path, files: dict) -> str | None:
+def verify_model_files(
+    model_folder: str | Path, files: dict, unchecked: frozenset[str] = frozenset()
+) -> str | None:
     """Why the model files of `model_folder` do not match the manifest's `files` (path ->
-    bytes, sha256); None when they do."""
+    bytes, sha256); None when they do. Files named in `unchecked` are skipped."""
     folder = Path(model_folder)
     if not isinstance(files, dict) or not files:
         return f"{folder}: the manifest lists no files with their sha256"
     for name, expected in sorted(files.items()):
-        if Path(name).name in OPERATOR_FILES:
+        if Path(name).name in unchecked:
             continue
         if not isinstance(expected, dict):
             return f"{folder}: the manifest's entry for {name} is not an object"
@@ -91,14 +92,6 @@ def verify_run_checksums(run_folder: str | Path) -> None:
         reason = mismatch(folder, name, entry, CHECKSUMS_FILE)
         if reason is not None:
             raise ValueError(f"run {folder} is damaged: {reason}")
-
-
-def verify_run(run_folder: str | Path, table_names: list[str]) -> None:
-    """What export checks before reading a run: its checksums and finite weights."""
-    from mlet.run import WEIGHTS_FILE  # mlet.run imports torch; only export needs this
-
-    verify_run_checksums(run_folder)
-    check_finite_weights(Path(run_folder) / WEIGHTS_FILE, table_names)
 
 
 def describe_tensor(name: str, table_names: list[str] | None) -> str:

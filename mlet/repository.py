@@ -21,6 +21,8 @@ from mlet.variants import MODEL_FILES, ONNX_PLATFORM
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.pbtxt"
 FIRST_VERSION = "1"
+# Edited by hand (as in Triton, the operator's to edit) or the manifest itself: not checksummed.
+OPERATOR_FILES = frozenset({CONFIG_FILE, MANIFEST_FILE})
 
 
 @dataclass(kw_only=True)
@@ -134,7 +136,10 @@ def open_model(folder: str | Path, verify: bool = False) -> OpenedModel:
     model_path = folder / version / Path(manifest.model_file).name
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path} named by the manifest is missing")
-    if verify and (damaged := verify_model_files(folder, manifest.files)) is not None:
+    if (
+        verify
+        and (damaged := verify_model_files(folder, manifest.files, OPERATOR_FILES)) is not None
+    ):
         raise ValueError(f"refused: {damaged}")
     return OpenedModel(folder, manifest, version, model_path)
 

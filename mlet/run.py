@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlet.data.dataset import DataSchema
+from mlet.dataset import DataSchema
 from mlet.dlrm import DLRM, DLRMConfig
 from mlet.files import read_json, write_json
-from mlet.integrity import record_run_checksums
+from mlet.integrity import check_finite_weights, record_run_checksums, verify_run_checksums
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -79,3 +79,9 @@ def load_run(path: str | Path) -> Run:
         schema=DataSchema.from_dict(config["schema"]),
         metrics=metrics,
     )
+
+
+def verify_run(run_folder: str | Path, table_names: list[str]) -> None:
+    """What export checks before reading a run: its checksums and finite weights."""
+    verify_run_checksums(run_folder)
+    check_finite_weights(Path(run_folder) / WEIGHTS_FILE, table_names)

@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from mlet.data.formats import check_columns, file_columns, first_line, is_parquet, read_batches
-from mlet.data.summary import value_counts
-from mlet.data.transform import TRANSFORM_FILE, Transform, load_transform
+from mlet.encoding import value_counts
+from mlet.formats import check_columns, file_columns, first_line, is_parquet, read_batches
 from mlet.repository import OpenedModel, open_model
 from mlet.runtime import SessionOptions, onnxruntime_session
+from mlet.transform import TRANSFORM_FILE, Transform, load_transform
 from mlet.variants import ONNX_PLATFORM
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]

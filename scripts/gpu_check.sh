@@ -35,15 +35,15 @@ trap 'rm -rf "$work"' EXIT
 
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/device.txt"
-step data mlet data synth --out "$work/data" --rows "$ROWS" --seed 0
-step train-full mlet train --data "$work/data" --out "$work/runs/full-d16" --embedding full \
+step data mlet data synth --out "$work/datasets/synth" --rows "$ROWS" --seed 0
+step train-full mlet train --data "$work/datasets/synth" --out "$work/runs/full-d16" --embedding full \
     --dim 16 --epochs 1 --device "$DEVICE"
-step train-mlet mlet train --data "$work/data" --out "$work/runs/mlet-d4-k64" --embedding mlet \
+step train-mlet mlet train --data "$work/datasets/synth" --out "$work/runs/mlet-d4-k64" --embedding mlet \
     --dim 4 --hidden 64 --epochs 1 --device "$DEVICE"
 for run in full-d16 mlet-d4-k64; do
     step "export-$run" mlet export "$work/runs/$run" --repo "$work/models" --variants fp32,fp16
 done
-step overhead mlet study --data "$work/data" --stage overhead --overhead-widths 4,16 \
+step overhead mlet study --data "$work/datasets/synth" --stage overhead --overhead-widths 4,16 \
     --device "$DEVICE" --out "$work/overhead"
 # few files back: the log, the device, the overhead table and the exports' manifests
 cp "$work/overhead/overhead.json" "$OUT/" 2>/dev/null

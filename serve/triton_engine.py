@@ -26,9 +26,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlet.readiness import wait_until_ready
 from mlet.runtime import SessionOptions
 from serve.model_config import CONFIG_FILE, read_model_config
+from serve.process import wait_until_ready
 
 log = logging.getLogger("mlet.serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

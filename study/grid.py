@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mlet.data.dataset import Dataset, load_dataset, split_rows
+from mlet.dataset import Dataset, load_dataset, split_rows
 from mlet.files import read_json, write_json
 from study.table_analysis import bucket_auc, frequency_buckets, table_spectra
 from train.trainer import TrainConfig, train_model

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlet.data.dataset import Dataset, split_rows
+from mlet.dataset import Dataset, split_rows
 from mlet.markdown import markdown_table
 from train.sparse_adagrad import table_and_dense_parameters
 from train.trainer import Batches, TrainConfig, build_model, make_optimizer, resolve_device

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mlet.data.dataset import Dataset, split_rows
+from mlet.dataset import Dataset, split_rows
 from mlet.dlrm import DLRM
 from mlet.metrics import classification_metrics
 from study.table_analysis import bucket_auc, low_rank_bytes, table_spectra, truncate_rank

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from data.synthetic import SyntheticConfig, generate
 from export.exporter import ExportConfig
-from mlet.data.synthetic import SyntheticConfig, generate
 from tests.helpers import export_run
 from train.trainer import TrainConfig, train_run
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.engines import Engine, EnginesConfig, run_engines, running_engine, wrk_missing_reason
-from bench.load import LoadConfig, run_load
+from bench.load.engines import EnginesConfig, run_engines, wrk_missing_reason
+from bench.load.load_test import LoadConfig, run_load
+from bench.load.servers import Engine, running_engine
 from mlet.files import read_json
 from serve.triton_engine import unavailable_reason
 

@@ -3,9 +3,10 @@ import gzip
 import numpy as np
 import pytest
 
-from mlet.data.criteo import CriteoConfig, CriteoFormatError, convert, parse_line
-from mlet.data.dataset import load_dataset, split_rows
-from mlet.data.synthetic import SyntheticConfig, ZipfSampler, generate
+from data.criteo import CriteoConfig, CriteoFormatError, convert, parse_line
+from data.synthetic import SyntheticConfig, generate
+from mlet.dataset import load_dataset, split_rows
+from mlet.zipf import ZipfSampler
 
 SIZES = (100,) * 26
 

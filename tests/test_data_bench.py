@@ -2,8 +2,8 @@
 
 import json
 
-from bench.data_bench import DataBenchConfig, generate_criteo, run_data_bench
-from mlet.data.criteo import CriteoConfig, read_chunks
+from bench.inprocess.data_bench import DataBenchConfig, generate_criteo, run_data_bench
+from data.criteo import CriteoConfig, read_chunks
 
 
 def test_generated_file_is_read_by_the_per_line_reader(tmp_path):

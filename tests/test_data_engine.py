@@ -7,21 +7,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlet.data.dataset import load_dataset
-from mlet.data.encoding import (
+from data.engine import ConvertConfig, convert
+from data.formats import avazu_format, criteo_format, csv_format
+from data.vocabulary import KeyCounter
+from mlet.dataset import load_dataset
+from mlet.encoding import (
     FIRST_VOCAB_ID,
     MISSING_ID,
     OOV_ID,
     BadValue,
-    KeyCounter,
     fnv1a64,
     hex_column_keys,
     hex_keys,
+    value_counts,
 )
-from mlet.data.engine import ConvertConfig, convert
-from mlet.data.formats import avazu_format, criteo_format, csv_format
-from mlet.data.summary import value_counts
-from mlet.data.transform import copy_vocabularies, load_transform
+from mlet.transform import copy_vocabularies, load_transform
 
 QUIET = {"progress": False}
 

@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cli import main
-from mlet.data.engine import ConvertConfig, convert
-from mlet.data.formats import DataFormatError, avazu_format, criteo_format, csv_format
+from data.engine import ConvertConfig, convert
+from data.formats import avazu_format, criteo_format, csv_format
+from mlet.formats import DataFormatError
 
 
 def good_line(label="1", dense="5", value="68fd1e64") -> str:

@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlet.data.engine import ConvertConfig, convert
-from mlet.data.formats import DataFormatError, avazu_format, criteo_format, csv_format
-from mlet.data.parts import byte_ranges, count_lines, plan_parts
+from data.engine import ConvertConfig, convert
+from data.formats import avazu_format, criteo_format, csv_format
+from data.parts import byte_ranges, count_lines, plan_parts
+from mlet.formats import DataFormatError
 from tests.test_data_engine import AVAZU_HEADER, avazu_rows, criteo_rows
 
 ONE_THREAD = {"part_bytes": 1 << 30, "workers": 1, "progress": False}

@@ -8,15 +8,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from bench.data_bench import generate_criteo
-from bench.load import running_server
+from bench.inprocess.data_bench import generate_criteo
 from cli import main
+from data.engine import ConvertConfig, convert
+from data.formats import criteo_format
 from export.exporter import ExportConfig
-from mlet.data.dataset import load_dataset
-from mlet.data.encoding import OOV_ID
-from mlet.data.engine import ConvertConfig, convert
-from mlet.data.formats import criteo_format
+from mlet.dataset import load_dataset
+from mlet.encoding import OOV_ID
 from predict.predict import PredictConfig, predict_files
+from serve.process import running_server
 from tests.conftest import tiny_train_config
 from tests.helpers import export_run
 from train.trainer import train_run

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bench.export_bench import ExportBenchConfig, run_export_bench, write_random_mlet_run
+from bench.inprocess.export_bench import ExportBenchConfig, run_export_bench, write_random_mlet_run
 from export.sources import RunWeights
 from mlet.files import write_json
 from mlet.run import load_run

@@ -5,9 +5,9 @@ no 5xx, no hang, valid requests answered with in-process ONNX Runtime's numbers.
 
 import pytest
 
-from bench.fuzz import Fuzzer, fuzz
-from bench.load import running_server
 from mlet.repository import open_model
+from serve.fuzz import Fuzzer, fuzz
+from serve.process import running_server
 
 CASES = 300
 

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from bench.load import LoadConfig, run_load, running_server, warm_up
-from bench.serve_bench import ServeBenchConfig, run_serve_bench
+from bench.load.load_test import LoadConfig, run_load, warm_up
+from bench.load.serve_bench import ServeBenchConfig, run_serve_bench
 from mlet.repository import open_model
+from serve.process import running_server
 
 
 def test_five_second_headless_locust_run_has_no_failures(tiny_repo, tmp_path):

@@ -3,8 +3,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from mlet.data.dataset import load_dataset, split_rows
-from mlet.data.movielens import (
+from data.movielens import (
     GENRES,
     TABLES,
     MovieLensFormatError,
@@ -13,6 +12,7 @@ from mlet.data.movielens import (
     extract_from_wheel,
     read_movielens,
 )
+from mlet.dataset import load_dataset, split_rows
 
 # Four users, three items; 20 ratings so that the 80/10/10 split has 2 + 2 held-out rows.
 USERS = [

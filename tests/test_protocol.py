@@ -4,7 +4,7 @@ import numpy as np
 import orjson
 import pytest
 
-from bench.request_bodies import encode_inputs
+from bench.load.request_bodies import encode_inputs
 from mlet.spec import ExportSpec, TensorSpec
 from serve.protocol import InferenceError, InferRequest, decode_request, encode_response
 from serve.validation import requested_outputs, validate_inputs

@@ -6,10 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import CompareConfig, run_comparison, study_lines
-from bench.micro import MicroConfig
-from bench.report import build_report, headline, limiting_side, load_results, mapped_pages_cell
-from bench.sweep import RequestKind, SweepConfig
+from bench.inprocess.micro import MicroConfig
+from bench.load.sweep import RequestKind, SweepConfig
+from bench.report.compare import CompareConfig, run_comparison, study_lines
+from bench.report.report import (
+    build_report,
+    headline,
+    limiting_side,
+    load_results,
+    mapped_pages_cell,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bench-results"
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -12,10 +12,10 @@ import socket
 import numpy as np
 import pytest
 
-from bench.load import running_server
-from bench.request_bodies import encode_inputs
+from bench.load.request_bodies import encode_inputs
 from mlet.repository import open_model
 from serve.http import HttpLimits, HttpServer, Response
+from serve.process import running_server
 
 GUARD_S = 20.0  # far above the timeouts below: only a server that never closes reaches it
 LIMITS = ("--header-timeout", "0.5", "--body-timeout", "0.5", "--keep-alive", "0.5")

@@ -10,9 +10,9 @@ import onnx
 import pytest
 
 import serve.dataplane as dataplane
-from bench.request_bodies import HEADER_LENGTH, encode_inputs
+from bench.load.request_bodies import encode_inputs
 from serve.dataplane import DataPlane, PlaneConfig
-from serve.protocol import InferenceError
+from serve.protocol import HEADER_LENGTH, InferenceError
 
 
 def json_body(spec, rows: int, seed: int = 0) -> bytes:

@@ -16,9 +16,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bench.load import running_server
-from bench.request_bodies import encode_inputs
+from bench.load.request_bodies import encode_inputs
 from mlet.spec import ExportSpec
+from serve.process import running_server
 
 
 def spec_of(repo, name) -> ExportSpec:

@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 
-from bench.load import running_server
 from cli import build_parser
 from mlet.spec import ExportSpec
+from serve.process import running_server
 from tests.helpers import tritonclient_inputs
 
 

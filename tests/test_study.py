@@ -292,7 +292,7 @@ def test_cli_study_options_become_the_study_config():
 
 
 def test_overhead_measures_every_variant_against_the_matching_full_table(tiny_data):
-    from mlet.data.dataset import load_dataset
+    from mlet.dataset import load_dataset
     from study.overhead import OverheadConfig, measure_overhead, overhead_table
 
     config = OverheadConfig(

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlet.data.dataset import load_dataset
+from mlet.dataset import load_dataset
 from mlet.embeddings import MultiLayerEmbedding, TableConfig
 from mlet.run import load_run
 from tests.conftest import tiny_train_config

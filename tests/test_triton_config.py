@@ -7,7 +7,6 @@ import shutil
 import pytest
 import tritonclient.http as httpclient
 
-from bench.load import running_server
 from export.triton_config import (
     DENSE_TRANSFORM_PARAMETER,
     TABLE_NAMES_PARAMETER,
@@ -16,6 +15,7 @@ from export.triton_config import (
     render_config,
 )
 from mlet.spec import ExportSpec, TensorSpec
+from serve.process import running_server
 from serve.triton_engine import (
     TritonInstall,
     TritonUnavailable,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import free_port
 from serve.model_config import read_model_config, serving_defaults
+from serve.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTRITON = "lib/python3.11/site-packages/pytriton/tritonserver"

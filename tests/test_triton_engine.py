@@ -16,11 +16,11 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from bench.load import free_port, running_server, wait_until_ready
 from export.exporter import ExportConfig, export_variants
 from export.triton_config import TABLE_ROWS_PARAMETER, check_triton_config
 from mlet.repository import open_model
 from mlet.spec import ExportSpec
+from serve.process import free_port, running_server, wait_until_ready
 from serve.triton_engine import TritonConfig, running_triton, unavailable_reason
 from tests.helpers import tritonclient_inputs
 

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mlet.data.dataset import Dataset, load_dataset, split_rows
-from mlet.data.transform import copy_vocabularies
+from mlet.dataset import Dataset, load_dataset, split_rows
 from mlet.dlrm import DLRM, DLRMConfig, build_config
 from mlet.files import staged_directory
 from mlet.metrics import classification_metrics
 from mlet.run import software_versions, write_run
+from mlet.transform import copy_vocabularies
 from train.sparse_adagrad import Optimizers, RowSparseAdagrad, table_and_dense_parameters
 
 OPTIMIZERS = ("adagrad", "sgd")
