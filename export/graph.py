@@ -323,9 +323,12 @@ class GraphBuilder:
     # -- interaction, top, output -----------------------------------------------------------
 
     def interaction(self, bottom: str, vectors: list[str]) -> str:
-        """bottom [B, D] and T vectors [B, D] -> [B, D + P], as DLRM.forward."""
+        """bottom [B, D] and T vectors [B, D] -> [B, D + P] (dot) or [B, (T+1) D] (cat), as
+        DLRM.forward."""
         tables = len(self.config.tables)
         stacked = self.node("Concat", [bottom, *vectors], axis=1)  # [B, (T+1) D]
+        if self.config.interaction == "cat":
+            return stacked
         stacked = self.node("Reshape", [stacked, self.int64s(-1, tables + 1, self.config.dim)])
         transposed = self.node("Transpose", [stacked], perm=[0, 2, 1])  # [B, D, T+1]
         dots = self.node("MatMul", [stacked, transposed])  # [B, T+1, T+1]

@@ -17,6 +17,7 @@ from torch import nn
 from mlet.embeddings import EMBEDDING_KINDS, EmbeddingCollection, TableConfig
 
 DENSE_TRANSFORMS = ("log1p", "identity")
+INTERACTIONS = ("dot", "cat")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class DLRMConfig:
     top_mlp: tuple[int, ...] = (64, 32)
     dense_transform: str = "log1p"
     hotness: int = 1
+    interaction: str = "dot"  # "dot": pairwise dot products (DLRM); "cat": concatenation
 
     def __post_init__(self) -> None:
         if not self.tables:
@@ -42,6 +44,11 @@ class DLRMConfig:
             )
         if self.hotness < 1:
             raise ValueError(f"hotness must be positive, got {self.hotness}")
+        if self.interaction not in INTERACTIONS:
+            raise ValueError(f"interaction must be one of {INTERACTIONS}, got {self.interaction!r}")
+        for name in ("bottom_mlp", "top_mlp"):
+            if any(width < 1 for width in getattr(self, name)):
+                raise ValueError(f"{name} widths must be positive, got {getattr(self, name)}")
 
     @property
     def dim(self) -> int:
@@ -56,6 +63,13 @@ class DLRMConfig:
     def num_interactions(self) -> int:
         vectors = len(self.tables) + 1
         return vectors * (vectors - 1) // 2
+
+    @property
+    def top_input_width(self) -> int:
+        """dot: the bottom output and the P pairwise dots; cat: all T+1 vectors."""
+        if self.interaction == "cat":
+            return (len(self.tables) + 1) * self.dim
+        return self.dim + self.num_interactions
 
     def collapsed(self) -> DLRMConfig:
         """The same model with every table a full table of its output width."""
@@ -114,7 +128,7 @@ def bottom_mlp(config: DLRMConfig) -> nn.Sequential:
 
 def top_mlp(config: DLRMConfig) -> nn.Sequential:
     """The embedding and the pairwise interactions -> one logit."""
-    return mlp([config.dim + config.num_interactions, *config.top_mlp, 1], final_activation=False)
+    return mlp([config.top_input_width, *config.top_mlp, 1], final_activation=False)
 
 
 def build_mlps(config: DLRMConfig) -> tuple[nn.Sequential, nn.Sequential]:
@@ -153,6 +167,8 @@ class DLRM(nn.Module):
         bottom = self.bottom(self.transform_dense(dense))  # [B, D]
         tables = self.embeddings(sparse)  # [B, T, D]
         vectors = torch.cat([bottom.unsqueeze(1), tables], dim=1)  # [B, T+1, D]
+        if self.config.interaction == "cat":
+            return self.top(vectors.flatten(1))  # [B, (T+1) D]
         dots = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, T+1, T+1]
         pairs = dots.flatten(1).index_select(1, self.interaction_index)  # [B, P]
         return self.top(torch.cat([bottom, pairs], dim=1))

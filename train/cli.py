@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlet.arguments import int_list
+
 
 def add_parser(stages) -> None:
     train = stages.add_parser("train", help="train a DLRM and write a run folder")
@@ -15,6 +17,12 @@ def add_parser(stages) -> None:
     train.add_argument("--embedding", choices=["full", "mlet"], default="full")
     train.add_argument("--dim", type=int, required=True, help="embedding width D")
     train.add_argument("--hidden", type=int, help="inner width K of a multi-layer table")
+    train.add_argument("--bottom-mlp", type=int_list, default=(64,), metavar="W,W,...",
+                       help="hidden widths of the bottom MLP (its output is D)")  # fmt: skip
+    train.add_argument("--top-mlp", type=int_list, default=(64, 32), metavar="W,W,...",
+                       help="hidden widths of the top MLP (its output is one logit)")  # fmt: skip
+    train.add_argument("--interaction", choices=["dot", "cat"], default="dot",
+                       help="dot: pairwise dot products (DLRM); cat: concatenated vectors")  # fmt: skip
     train.add_argument("--optimizer", choices=["adagrad", "sgd"], default="adagrad")
     train.add_argument("--lr", type=float, default=0.02)
     train.add_argument("--embedding-lr", type=float, help="learning rate of the tables")
@@ -34,6 +42,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         embedding=args.embedding,
         dim=args.dim,
         hidden=args.hidden,
+        bottom_mlp=args.bottom_mlp,
+        top_mlp=args.top_mlp,
+        interaction=args.interaction,
         optimizer=args.optimizer,
         lr=args.lr,
         embedding_lr=args.embedding_lr,

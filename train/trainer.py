@@ -42,6 +42,7 @@ class TrainConfig:
     hidden: int | None = None
     bottom_mlp: tuple[int, ...] = (64,)
     top_mlp: tuple[int, ...] = (64, 32)
+    interaction: str = "dot"
     optimizer: str = "adagrad"
     lr: float = 0.02
     embedding_lr: float | None = None  # defaults to lr
@@ -100,6 +101,7 @@ def model_config_for(dataset: Dataset, config: TrainConfig) -> DLRMConfig:
         hidden=config.hidden,
         bottom_mlp=tuple(config.bottom_mlp),
         top_mlp=tuple(config.top_mlp),
+        interaction=config.interaction,
         dense_transform=schema.dense_transform,
         hotness=schema.hotness,
     )
