@@ -22,7 +22,7 @@ def add_parser(stages) -> None:
     train.add_argument("--top-mlp", type=int_list, default=(64, 32), metavar="W,W,...",
                        help="hidden widths of the top MLP (its output is one logit)")  # fmt: skip
     train.add_argument("--interaction", choices=["dot", "cat"], default="dot",
-                       help="dot: pairwise dot products (DLRM); cat: concatenated vectors")  # fmt: skip
+                       help="dot: pairwise dots (DLRM); cat: the vectors concatenated")  # fmt: skip
     train.add_argument("--optimizer", choices=["adagrad", "sgd"], default="adagrad")
     train.add_argument("--lr", type=float, default=0.02)
     train.add_argument("--embedding-lr", type=float, help="learning rate of the tables")
