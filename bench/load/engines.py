@@ -1,7 +1,7 @@
-"""Load tests against any serving engine, and `mlet bench engines`: ours and Triton, same load.
+"""`mlet bench engines`: our server and Triton, the same model under the same load.
 
-An engine is our server (`mlet`), real Triton (`triton`, serve/triton_engine.py) or any
-KServe v2 server already running at a URL. `mlet bench engines` serves one model with each
+The engines themselves (ours, real Triton, a server at a URL) are bench/load/servers.py's.
+`mlet bench engines` serves one model with each
 engine in turn and drives both with the same request bodies, the same connections and the
 same duration: 1-row JSON requests, then 256-row binary ones. The load generator is wrk
 (compiled, event-driven; `make test` installs Debian's package) or, where wrk is missing,
