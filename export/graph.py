@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -266,6 +267,17 @@ class GraphBuilder:
             dense = self.node("Cast", [dense], to=self.compute)
         return dense
 
+    def constant_bottom(self, sparse: str, bottom: nn.Sequential) -> str:
+        """A model without numeric features: the bottom MLP of no inputs is a constant [1, D]
+        (its biases through the layers), broadcast to [B, D] with B taken from `sparse`."""
+        with torch.no_grad():
+            value = bottom(torch.zeros(1, 0)).numpy()  # [1, D]
+        batch = self.node("Shape", [sparse], start=0, end=1)  # [1]
+        shape = self.node("Concat", [batch, self.int64s(value.shape[1])], axis=0)  # [2]
+        return self.node(
+            "Expand", [self.constant("bottom.constant", self.float_array(value)), shape]
+        )
+
     def one(self) -> str:
         return self.constant("const.one_fp32", np.array(1.0, np.float32))
 
@@ -347,12 +359,11 @@ class GraphBuilder:
         return self.spec.output_names[0]
 
     def model(self) -> onnx.ModelProto:
-        dense_spec, sparse_spec = self.spec.inputs
         inputs = [
             helper.make_tensor_value_info(
                 t.name, helper.np_dtype_to_tensor_dtype(t.dtype), ["batch", *t.shape]
             )
-            for t in (dense_spec, sparse_spec)
+            for t in self.spec.inputs
         ]
         (out,) = self.spec.outputs
         outputs = [
@@ -392,9 +403,11 @@ def lower_variants(
             builders[variant] = GraphBuilder(variant, spec, config)
             lowered[variant] = LoweredModel(variant, path, external, table_bytes=0)
         bottom_mlp, top_mlp = weights.mlps()
-        dense_name, sparse_name = spec.input_names
+        sparse_name = spec.sparse_input.name
         bottoms = {
-            v: b.mlp(b.dense_features(dense_name), "bottom", bottom_mlp)
+            v: b.mlp(b.dense_features(spec.dense_input.name), "bottom", bottom_mlp)
+            if spec.dense_input is not None
+            else b.constant_bottom(sparse_name, bottom_mlp)
             for v, b in builders.items()
         }
         vectors: dict[str, list[str]] = {v: [] for v in builders}

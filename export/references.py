@@ -44,11 +44,10 @@ def held_out(run: Run, spec: ExportSpec, rows: int) -> HeldOut:
         dataset = load_dataset(data)
         test = recorded_split(run, len(dataset)).test
         index = slice(test.start, min(test.stop, test.start + rows))
-        dense_name, sparse_name = spec.input_names
-        inputs = {
-            dense_name: np.array(dataset.dense[index], dtype=np.float32),
-            sparse_name: np.array(dataset.sparse[index], dtype=np.int64),
-        }
+        inputs = spec.model_inputs(
+            np.array(dataset.dense[index], dtype=np.float32),
+            np.array(dataset.sparse[index], dtype=np.int64),
+        )
         return HeldOut(inputs, np.array(dataset.labels[index]), f"test split of {data}")
     inputs = spec.random_inputs(rows, np.random.default_rng(0))
     return HeldOut(inputs, None, "random valid inputs (data not found)")
@@ -56,7 +55,8 @@ def held_out(run: Run, spec: ExportSpec, rows: int) -> HeldOut:
 
 @torch.no_grad()
 def torch_probabilities(model: DLRM, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    dense, sparse = (torch.from_numpy(v) for v in inputs.values())
+    sparse = torch.from_numpy(inputs["sparse"])
+    dense = torch.from_numpy(inputs.get("dense", np.zeros((len(sparse), 0), np.float32)))
     return model.eval().probability(dense, sparse).numpy()
 
 
@@ -92,9 +92,8 @@ class References:
 
 
 def pytorch_references(weights: RunWeights, inputs: dict[str, np.ndarray]) -> References:
-    dense_name, sparse_name = list(inputs)
-    model, remapped = weights.reference_model(inputs[sparse_name])
-    local = {dense_name: inputs[dense_name], sparse_name: remapped}
+    model, remapped = weights.reference_model(inputs["sparse"])
+    local = {**inputs, "sparse": remapped}
     collapsed = model.collapsed()
     return References(
         trained=torch_probabilities(model, local),

@@ -130,10 +130,13 @@ def torch_runner(run_folder: str | Path, threads: int = 0) -> tuple[Runner, Expo
         torch.set_num_threads(threads)
     run = load_run(run_folder)
     model = run.load_model()
+    spec = spec_for(run.model_config)
 
     def infer(inputs: Arrays) -> np.ndarray:
-        dense, sparse = (torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values())
+        sparse = torch.from_numpy(np.ascontiguousarray(inputs[spec.sparse_input.name]))
+        dense = inputs.get("dense", np.zeros((len(sparse), 0), np.float32))
+        dense = torch.from_numpy(np.ascontiguousarray(dense))
         with torch.inference_mode():
             return model.probability(dense, sparse).numpy()
 
-    return infer, spec_for(run.model_config)
+    return infer, spec

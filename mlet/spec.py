@@ -64,16 +64,33 @@ class ExportSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    @property
+    def sparse_input(self) -> TensorSpec:
+        return self.inputs[-1]
+
+    @property
+    def dense_input(self) -> TensorSpec | None:
+        """None for a model without numeric features (e.g. Avazu): it has no `dense` input."""
+        return self.inputs[0] if len(self.inputs) > 1 else None
+
+    def model_inputs(self, dense: np.ndarray, sparse: np.ndarray) -> dict[str, np.ndarray]:
+        """The arrays the model takes, by input name: `dense` only where the model has one."""
+        arrays = {self.sparse_input.name: sparse}
+        if self.dense_input is not None:
+            arrays = {self.dense_input.name: dense, **arrays}
+        return arrays
+
     def random_inputs(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Valid inputs of a given batch: non-negative counts and ids within each table."""
-        dense_spec, sparse_spec = self.inputs
-        dense = np.floor(rng.exponential(10.0, size=(batch, *dense_spec.shape)))
+        sparse_spec = self.sparse_input
+        dense = np.floor(rng.exponential(10.0, size=(batch, self.num_dense)))
         rows = np.asarray(self.table_rows).reshape(-1, *([1] * (len(sparse_spec.shape) - 1)))
         sparse = np.floor(rng.random((batch, *sparse_spec.shape)) * rows)
-        return {
-            dense_spec.name: dense.astype(dense_spec.dtype),
-            sparse_spec.name: sparse.astype(sparse_spec.dtype),
-        }
+        return self.model_inputs(dense.astype(np.float32), sparse.astype(sparse_spec.dtype))
+
+    @property
+    def num_dense(self) -> int:
+        return self.dense_input.shape[0] if self.dense_input is not None else 0
 
     def batch_profile(self) -> tuple[int, int, int]:
         """(min, opt, max) batch of a TensorRT optimization profile: opt is a typical batch."""
@@ -108,7 +125,7 @@ def spec_for(
     preferred = tuple(b for b in DEFAULT_PREFERRED_BATCHES if b <= max_batch_size)
     return ExportSpec(
         inputs=(
-            TensorSpec("dense", "FP32", (config.num_dense,)),
+            *([TensorSpec("dense", "FP32", (config.num_dense,))] if config.num_dense else []),
             TensorSpec("sparse", "INT64", sparse_shape),
         ),
         outputs=(TensorSpec("probability", "FP32", (1,)),),

@@ -66,22 +66,22 @@ def onnx_scorer(model: OpenedModel, threads: int) -> Scorer:
     if model.manifest.platform != ONNX_PLATFORM:
         raise ValueError(f"{model.folder} is a {model.manifest.platform} model: use --url")
     session = onnxruntime_session(model.model_path, SessionOptions(intra_op_threads=threads))
-    names = model.manifest.spec.input_names
-    return lambda dense, sparse: session.run(None, {names[0]: dense, names[1]: sparse})[0]
+    spec = model.manifest.spec
+    return lambda dense, sparse: session.run(None, spec.model_inputs(dense, sparse))[0]
 
 
 def http_scorer(url: str, model: OpenedModel, timeout_s: float) -> Scorer:
     """Scores through the Open Inference Protocol's JSON infer call."""
     endpoint = f"{url.rstrip('/')}/v2/models/{model.name}/infer"
-    names = model.manifest.spec.input_names
+    spec = model.manifest.spec
 
     def score(dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        arrays = spec.model_inputs(dense, sparse)
         body = {
             "inputs": [
-                {"name": names[0], "datatype": "FP32", "shape": list(dense.shape),
-                 "data": dense.ravel().tolist()},
-                {"name": names[1], "datatype": "INT64", "shape": list(sparse.shape),
-                 "data": sparse.ravel().tolist()},
+                {"name": t.name, "datatype": t.datatype, "shape": list(arrays[t.name].shape),
+                 "data": arrays[t.name].ravel().tolist()}
+                for t in spec.inputs
             ]
         }  # fmt: skip
         request = urllib.request.Request(

@@ -58,12 +58,12 @@ def valid_inputs(spec: ExportSpec, draw, max_rows: int) -> dict[str, np.ndarray]
     rows = draw(st.integers(1, max_rows))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    dense_spec, sparse_spec = spec.inputs
+    sparse_spec = spec.sparse_input
     scale = draw(st.sampled_from([1.0, 1e3, 1e6]))
-    dense = rng.uniform(-scale, scale, (rows, *dense_spec.shape)).astype(np.float32)
+    dense = rng.uniform(-scale, scale, (rows, spec.num_dense)).astype(np.float32)
     bounds = np.asarray(spec.table_rows).reshape(1, -1, *([1] * (len(sparse_spec.shape) - 1)))
     ids = (rng.random((rows, *sparse_spec.shape)) * bounds).astype(np.int64)
-    return {dense_spec.name: dense, sparse_spec.name: ids}
+    return spec.model_inputs(dense, ids)
 
 
 def encode(spec: ExportSpec, inputs: dict, binary: bool, nested: bool, binary_out: bool):
@@ -153,7 +153,7 @@ def mutate(spec: ExportSpec, draw, request: dict, blobs: list[bytes], binary: bo
 
 def out_of_range(spec: ExportSpec, draw, request: dict, blobs: list[bytes], binary: bool):
     """The sparse input with one id set to -1 or to its table's row count."""
-    sparse_name = spec.input_names[1]
+    sparse_name = spec.sparse_input.name
     position = spec.input_names.index(sparse_name)
     tensor = request["inputs"][position]
     shape = tuple(tensor["shape"])

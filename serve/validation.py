@@ -55,13 +55,15 @@ def validate_inputs(spec: ExportSpec, request: InferRequest) -> dict[str, np.nda
 
 
 def check_values(spec: ExportSpec, arrays: dict[str, np.ndarray]) -> None:
-    dense_name, sparse_name = spec.input_names
-    dense = arrays[dense_name]
-    if not np.isfinite(dense).all():
-        row, column = np.argwhere(~np.isfinite(dense))[0][:2]
-        raise InferenceError(
-            f"input '{dense_name}' holds a non-finite value at row {row}, feature {column}"
-        )
+    if spec.dense_input is not None:
+        dense_name = spec.dense_input.name
+        dense = arrays[dense_name]
+        if not np.isfinite(dense).all():
+            row, column = np.argwhere(~np.isfinite(dense))[0][:2]
+            raise InferenceError(
+                f"input '{dense_name}' holds a non-finite value at row {row}, feature {column}"
+            )
+    sparse_name = spec.sparse_input.name
     ids = arrays[sparse_name]
     bad = (ids < 0) | (ids >= id_bounds(tuple(spec.table_rows), ids.ndim))
     if bad.any():

@@ -32,7 +32,8 @@ def tritonclient_inputs(inputs: dict, binary: bool = True) -> list:
     import tritonclient.http as httpclient
 
     request = []
-    for name, datatype in (("dense", "FP32"), ("sparse", "INT64")):
+    for name in inputs:
+        datatype = "FP32" if inputs[name].dtype == "float32" else "INT64"
         tensor = httpclient.InferInput(name, list(inputs[name].shape), datatype)
         tensor.set_data_from_numpy(inputs[name], binary_data=binary)
         request.append(tensor)

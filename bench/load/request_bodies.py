@@ -20,16 +20,13 @@ class RequestFactory:
         self.samplers = [ZipfSampler(n, zipf_exponent, self.rng) for n in spec.table_rows]
 
     def inputs(self, rows: int) -> dict[str, np.ndarray]:
-        dense_spec, sparse_spec = self.spec.inputs
+        sparse_spec = self.spec.sparse_input
         dense = np.floor(
-            np.expm1(np.maximum(self.rng.normal(2.0, 1.0, (rows, *dense_spec.shape)), 0))
+            np.expm1(np.maximum(self.rng.normal(2.0, 1.0, (rows, self.spec.num_dense)), 0))
         )
         extra = sparse_spec.shape[1:]
         sparse = np.stack([s.sample((rows, *extra), self.rng) for s in self.samplers], axis=1)
-        return {
-            dense_spec.name: dense.astype(dense_spec.dtype),
-            sparse_spec.name: sparse.astype(sparse_spec.dtype),
-        }
+        return self.spec.model_inputs(dense.astype(np.float32), sparse.astype(sparse_spec.dtype))
 
     def body(self, rows: int, binary: bool) -> tuple[bytes, dict[str, str]]:
         """An infer request body and its headers; binary uses the binary tensor extension."""
