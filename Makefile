@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# TorchRec declares the CUDA fbgemm-gpu; with --no-deps it runs on pyproject's fbgemm-gpu-cpu.
+TORCHREC := torchrec==1.8.0
 
 .PHONY: demo test lint format clean movielens triton
 
@@ -10,6 +12,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(TORCHREC)
 	touch $(STAMP)
 
 demo: $(STAMP)

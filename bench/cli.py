@@ -71,6 +71,7 @@ def add_parser(stages) -> None:
     export_bench.add_argument("--name", default="kaggle", help="model name in WORK/models")
     export_bench.set_defaults(handler=cmd_bench_export)
 
+    add_bench_train(bench)
     int8_mlp = bench.add_parser("int8-mlp", help="int8 model: float32 vs quantized MLPs")
     int8_mlp.add_argument("--repo", required=True)
     int8_mlp.add_argument("--model", required=True, help="an int8 variant, e.g. NAME-int8")
@@ -111,6 +112,22 @@ def add_engine_commands(bench, load_commands: list) -> None:
     )
     engines.add_argument("--out", required=True, help="results folder")
     engines.set_defaults(handler=cmd_bench_engines)
+
+
+def add_bench_train(bench) -> None:
+    """`mlet bench train`."""
+    command = bench.add_parser(
+        "train", help="the TorchRec trainer against the loop before it; memory; resume"
+    )
+    command.add_argument("--out", required=True, help="results folder")
+    command.add_argument("--work", help="where generated data, runs and the worktree go")
+    command.add_argument("--baseline", default="5173b20",
+                         help="commit whose trainer to compare with ('' for none)")  # fmt: skip
+    command.add_argument("--steps", type=int, default=100, help="timed steps per round")
+    command.add_argument("--rounds", type=int, default=3)
+    command.add_argument("--quick", action="store_true",
+                         help="small tables, no Kaggle-size memory run (for tests)")  # fmt: skip
+    command.set_defaults(handler=cmd_bench_train)
 
 
 def add_bench_data(bench) -> None:
@@ -251,6 +268,19 @@ def cmd_bench_export(args: argparse.Namespace) -> None:
         config.work = Path(args.work)
     run_export_bench(config, Path(args.out))
     print((Path(args.out) / "export.md").read_text())
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from bench.inprocess.train_bench import TrainBenchConfig, run_train_bench
+
+    config = TrainBenchConfig(baseline=args.baseline or None, steps=args.steps, rounds=args.rounds)
+    if args.quick:
+        config.speed_rows, config.speed_data_rows, config.memory = 1000, 4000, False
+        config.warmup_steps, config.dim, config.hidden = 2, 4, 8
+    if args.work:
+        config.work = Path(args.work)
+    run_train_bench(config, Path(args.out))
+    print((Path(args.out) / "train.md").read_text())
 
 
 def cmd_bench_int8_mlp(args: argparse.Namespace) -> None:

@@ -143,12 +143,21 @@ def table_key(index: int, part: str) -> str:
 
 
 class DLRM(nn.Module):
-    def __init__(self, config: DLRMConfig, sparse: bool = True) -> None:
+    """The one network that training, export and serving share.
+
+    `embeddings` maps ids [B, T] or [B, T, H] to [B, T, D]: by default the tables as
+    `mlet.embeddings` holds them (what export and serving load); the trainer passes its
+    TorchRec tables (`train.tables`) instead, and saves them under the same keys.
+    """
+
+    def __init__(
+        self, config: DLRMConfig, sparse: bool = True, embeddings: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         # built in this order, so that a seed gives the same initial weights as ever
         self.bottom = bottom_mlp(config)
-        self.embeddings = EmbeddingCollection(list(config.tables), sparse=sparse)
+        self.embeddings = embeddings or EmbeddingCollection(list(config.tables), sparse=sparse)
         self.top = top_mlp(config)
         # Strictly lower triangle of the (T+1) x (T+1) dot matrix, flattened, so that the
         # exported graph selects it with one plain Gather.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mlet.dataset import DataSchema
 from mlet.dlrm import DLRM, DLRMConfig
@@ -56,10 +56,8 @@ class Run:
         return model.to(device).eval()
 
 
-def write_run(directory: Path, config: dict, model: DLRM, metrics: dict) -> None:
-    """Write the three files of a run into `directory` (staged by the caller)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "mlet-run-v1"})
+def write_run_metadata(directory: Path, config: dict, metrics: dict) -> None:
+    """config.json, metrics.json and the checksums, once model.safetensors is written."""
     write_json(directory / CONFIG_FILE, config)
     write_json(directory / METRICS_FILE, metrics)
     record_run_checksums(directory, [WEIGHTS_FILE])

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, as one script: train a full and an MLET model on DEVICE,
+# The checks that need a GPU, as one script: train a full and an MLET model on DEVICE with
+# TorchRec (one GPU, then all of them with --nproc where there are several),
 # export both (the CUDA execution provider and TensorRT are used where installed), time
 # the training step of MLET against full tables on DEVICE, and run the tests marked gpu
 # or tensorrt. It installs nothing, so it runs on a machine that has PyTorch and cannot
@@ -40,6 +41,12 @@ step train-full mlet train --data "$work/datasets/synth" --out "$work/runs/full-
     --dim 16 --epochs 1 --device "$DEVICE"
 step train-mlet mlet train --data "$work/datasets/synth" --out "$work/runs/mlet-d4-k64" --embedding mlet \
     --dim 4 --hidden 64 --epochs 1 --device "$DEVICE"
+# TorchRec over every GPU the machine has (NCCL), the same command with --nproc
+gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$DEVICE" = cuda ] && [ "${gpus:-0}" -gt 1 ]; then
+    step "train-mlet-${gpus}gpus" mlet train --data "$work/datasets/synth" --out "$work/runs/mlet-nproc" \
+        --embedding mlet --dim 4 --hidden 64 --epochs 1 --device cuda --nproc "$gpus"
+fi
 for run in full-d16 mlet-d4-k64; do
     step "export-$run" mlet export "$work/runs/$run" --repo "$work/models" --variants fp32,fp16
 done
@@ -50,7 +57,7 @@ cp "$work/overhead/overhead.json" "$OUT/" 2>/dev/null
 manifests=$(cd "$work" && ls models/*/manifest.json 2>/dev/null)
 [ -n "$manifests" ] && tar -czf "$OUT/manifests.tgz" -C "$work" $manifests
 # one step per file: a file whose imports fail there does not stop the other's tests
-for tests in export_tensorrt serve_production; do
+for tests in train_gpu export_tensorrt serve_production; do
     step "tests-$tests" env PYTHONPATH=. "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
         -m "gpu or tensorrt" "tests/test_$tests.py"
 done

@@ -64,7 +64,7 @@ class StudyConfig:
     patience: int = 1
     batch_size: int = 512
     max_rows: int | None = 300_000
-    optimizer: str = "adagrad"
+    optimizer: str = "rwsadagrad"
     bottom_mlp: tuple[int, ...] = (64,)
     top_mlp: tuple[int, ...] = (64, 32)
     val_fraction: float = 0.1
@@ -195,6 +195,7 @@ def train_config_for(config: StudyConfig, cell: Cell) -> TrainConfig:
         bottom_mlp=config.bottom_mlp,
         top_mlp=config.top_mlp,
         optimizer=config.optimizer,
+        stop_on="auc",  # the study compares and selects by AUC
         lr=cell.lr,
         batch_size=config.batch_size,
         epochs=1 if one_pass else config.max_epochs,

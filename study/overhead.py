@@ -1,9 +1,11 @@
 """Training step time of MLET against full tables, measured side by side in one process.
 
-Every variant trains on the same pre-drawn batches; variants take turns in rounds so that
-a change in machine load falls on all of them alike, and each figure is the median over
-rounds of the mean step time (forward, backward, optimizer step, timed separately).
-Ratios are against the full table of the same width and the full table of equal accuracy.
+Every variant trains with `mlet train`'s engine (TorchRec tables, FBGEMM's fused update in
+the backward pass, a torch optimizer for the dense part) on the same batches; variants
+take turns in rounds so that a change in machine load falls on all of them alike, and
+each figure is the median over rounds of the mean step time (forward; backward with the
+fused table update; the dense optimizer's step, timed separately). Ratios are against
+the full table of the same width and the full table of equal accuracy.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from torch import nn
 
 from mlet.dataset import Dataset, split_rows
 from mlet.markdown import markdown_table
-from train.sparse_adagrad import table_and_dense_parameters
-from train.trainer import Batches, TrainConfig, build_model, make_optimizer, resolve_device
+from train.distributed import shard_model, start_processes
+from train.loader import TrainBatches
+from train.trainer import TrainConfig, build_model, model_config_for
 
 
 @dataclass(frozen=True)
@@ -32,89 +35,62 @@ class OverheadConfig:
     warmup_steps: int = 10
     device: str = "cpu"
     threads: int = 0
-    with_dense_gradients: bool = True  # also time dense table gradients (no row sparsity)
-    with_torch_adagrad: bool = True  # also time the tables on torch's sparse Adagrad
+    optimizer: str = "rwsadagrad"
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to train: the trainer's (row dedup, row-sparse Adagrad) unless it says not."""
-
     embedding: str
     dim: int
     hidden: int | None = None
-    sparse: bool = True
-    deduplicate: bool = True
-    torch_adagrad: bool = False  # torch.optim.Adagrad's sparse path for the tables
 
     @property
     def label(self) -> str:
-        parts = [f"{self.embedding} d={self.dim}" + (f" k={self.hidden}" if self.hidden else "")]
-        parts += ["no row dedup"] if not self.deduplicate else []
-        parts += ["torch's sparse Adagrad"] if self.torch_adagrad else []
-        parts += ["dense gradients"] if not self.sparse else []
-        return ", ".join(parts)
+        return f"{self.embedding} d={self.dim}" + (f" k={self.hidden}" if self.hidden else "")
 
 
 def variants(config: OverheadConfig) -> list[Variant]:
-    d, widest = config.dim, max(config.hidden)
+    d = config.dim
     equal = config.equal_accuracy_dim if config.equal_accuracy_dim != d else None
     found = [Variant("full", d)]
     found += [Variant("mlet", d, k) for k in config.hidden]
     found += [Variant("full", equal)] if equal else []
-    found += [Variant("full", d, deduplicate=False), Variant("mlet", d, widest, deduplicate=False)]
-    if config.with_torch_adagrad:
-        found.append(Variant("full", d, torch_adagrad=True))
-        # table by table with torch's Adagrad: how full tables trained before sharing row dedup
-        found.append(Variant("full", d, deduplicate=False, torch_adagrad=True))
-        found += [Variant("full", equal, torch_adagrad=True)] if equal else []
-        found += [Variant("mlet", d, k, torch_adagrad=True) for k in config.hidden]
-    if config.with_dense_gradients:
-        found += [Variant("full", d, sparse=False), Variant("mlet", d, widest, sparse=False)]
     return found
 
 
-def torch_sparse_adagrad(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """torch's Adagrad for everything: its sparse path (coalesce, sparse_mask) for tables."""
-    tables, rest = table_and_dense_parameters(model)
-    return torch.optim.Adagrad([{"params": tables}, {"params": rest, "foreach": True}], lr=lr)
-
-
 class Timed:
-    """A model, its optimizer and accumulated forward/backward/step seconds."""
+    """A sharded model, its optimizer and accumulated forward/backward/step seconds."""
 
-    def __init__(self, dataset: Dataset, variant: Variant, device: torch.device) -> None:
-        config = TrainConfig(
+    def __init__(self, dataset: Dataset, variant: Variant, config: OverheadConfig) -> None:
+        train_config = TrainConfig(
             embedding=variant.embedding,
             dim=variant.dim,
             hidden=variant.hidden,
-            sparse=variant.sparse,
+            optimizer=config.optimizer,
+            device=config.device,
+            progress=False,
         )
-        torch.manual_seed(0)
+        self.processes = start_processes(config.device)
+        model = build_model(model_config_for(dataset, train_config), train_config)
+        self.model, self.optimizer, _ = shard_model(
+            model, model.embeddings, train_config, self.processes
+        )
         self.variant = variant
-        self.model = build_model(dataset, config).to(device).train()
-        for table in self.model.embeddings.tables:
-            table.deduplicate_rows = variant.deduplicate  # instance attribute: this model only
-        if variant.torch_adagrad:
-            self.optimizer = torch_sparse_adagrad(self.model, config.lr)
-        else:
-            self.optimizer = make_optimizer(self.model, config)
         self.loss = nn.BCEWithLogitsLoss()
-        self.device = device
 
     def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.processes.device.type == "cuda":
+            torch.cuda.synchronize(self.processes.device)
         return time.perf_counter()
 
     def run(self, batches: list) -> np.ndarray:
         """Mean seconds per step of (forward, backward, optimizer step) over `batches`."""
         totals = np.zeros(3)
-        for dense, sparse, labels in batches:
+        for batch in batches:
             t0 = self._sync()
-            loss = self.loss(self.model(dense, sparse).squeeze(1), labels)
+            loss = self.loss(self.model(batch.dense, batch.sparse).squeeze(1), batch.labels)
             t1 = self._sync()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             loss.backward()
             t2 = self._sync()
             self.optimizer.step()
@@ -123,20 +99,22 @@ class Timed:
         return totals / len(batches)
 
 
+def draw_batches(dataset: Dataset, config: OverheadConfig, device) -> list:
+    """The first `steps` batches of a shuffled epoch, held in memory for every variant."""
+    rows = split_rows(len(dataset)).train
+    batches = TrainBatches(dataset, rows, config.batch_size, seed=0).epoch(1, device)
+    drawn = [batch for _, batch in zip(range(config.steps), batches, strict=False)]
+    batches.close()
+    return drawn
+
+
 def measure_overhead(dataset: Dataset, config: OverheadConfig) -> dict:
     """Step times of every variant and their ratios to the full tables."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    torch.sparse.check_sparse_tensor_invariants.disable()
-    device = resolve_device(config.device)
-    split = split_rows(len(dataset))
-    train = Batches(dataset, split.train)
-    rng = np.random.default_rng(0)
-    batches = [
-        train.take(rng.integers(0, len(train), config.batch_size), device)
-        for _ in range(config.steps)
-    ]
-    timed = [Timed(dataset, v, device) for v in variants(config)]
+    timed = [Timed(dataset, v, config) for v in variants(config)]
+    device = timed[0].processes.device
+    batches = draw_batches(dataset, config, device)
     for t in timed:
         t.run(batches[: config.warmup_steps])
     samples = {t.variant.label: [] for t in timed}
@@ -167,28 +145,22 @@ def measure_overhead(dataset: Dataset, config: OverheadConfig) -> dict:
 
 
 def add_ratios(rows: list[dict], config: OverheadConfig) -> None:
-    """Ratios to the full tables trained the same way (optimizer, gradient kind, row dedup)."""
-    full = {
-        (r["dim"], r["sparse"], r["torch_adagrad"]): r["total_ms"]
-        for r in rows
-        if r["embedding"] == "full" and r["deduplicate"]
-    }
+    """Ratios to the full tables of the same width and of equal accuracy."""
+    full = {r["dim"]: r["total_ms"] for r in rows if r["embedding"] == "full"}
     for row in rows:
-        same_way = (row["sparse"], row["torch_adagrad"])
-        same = full[(config.dim, *same_way)]
-        equal = full.get((config.equal_accuracy_dim, *same_way))
-        row["vs_full_same_dim"] = row["total_ms"] / same
+        equal = full.get(config.equal_accuracy_dim)
+        row["vs_full_same_dim"] = row["total_ms"] / full[config.dim]
         row["vs_full_equal_accuracy"] = row["total_ms"] / equal if equal else None
 
 
 def variants_note(result: dict) -> str:
-    """What the rows without a qualifier mean; older results (no torch_adagrad field) differ."""
-    if result["rows"] and "torch_adagrad" not in result["rows"][0]:
-        return "Ratios are to the full table trained the same way (optimizer, gradient kind)."
+    """What the rows mean; results from before the TorchRec trainer say so."""
+    optimizer = result["config"].get("optimizer")
+    if optimizer is None:
+        return "Measured with the trainer before TorchRec (row-sparse Adagrad of its own)."
     return (
-        "Unless a row says otherwise, tables train as `mlet train` trains them: each distinct "
-        "id of a batch looked up once, row-sparse Adagrad. Ratios are to the full table "
-        "trained the same way (optimizer, gradient kind), with row dedup."
+        f"Tables train as `mlet train` trains them: TorchRec, FBGEMM's fused {optimizer} "
+        "inside the backward pass (so the backward column includes the table update)."
     )
 
 

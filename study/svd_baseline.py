@@ -16,7 +16,7 @@ from mlet.dataset import Dataset, split_rows
 from mlet.dlrm import DLRM
 from mlet.metrics import classification_metrics
 from study.table_analysis import bucket_auc, low_rank_bytes, table_spectra, truncate_rank
-from train.trainer import Batches, TrainConfig, model_config_for, predict
+from train.trainer import TrainConfig, model_config_for, predict_rows, split_labels
 
 
 def truncated_model(model: DLRM, rank: int) -> DLRM:
@@ -46,19 +46,19 @@ def evaluate_truncated(
     model.load_state_dict(state)
     model = truncated_model(model, rank)
     split = split_rows(len(dataset), train_config.val_fraction, train_config.test_fraction)
-    device = torch.device("cpu")
-    val, test = Batches(dataset, split.val), Batches(dataset, split.test)
-    test_scores = predict(model, test, train_config.eval_batch_size, device)
-    val_scores = predict(model, val, train_config.eval_batch_size, device)
+    device, batch = torch.device("cpu"), train_config.eval_batch_size
+    test_scores = predict_rows(model, dataset, split.test, batch, device)
+    val_scores = predict_rows(model, dataset, split.val, batch, device)
+    val_labels, test_labels = split_labels(dataset, split.val), split_labels(dataset, split.test)
     sizes, width = dataset.schema.table_sizes, train_config.dim
     return {
         "metrics": {
-            "val": classification_metrics(np.asarray(val.labels), val_scores),
-            "test": classification_metrics(np.asarray(test.labels), test_scores),
+            "val": classification_metrics(val_labels, val_scores),
+            "test": classification_metrics(test_labels, test_scores),
             "best_epoch": 0,
             "epochs_run": 0,
         },
         "embedding_bytes": sum(low_rank_bytes(n, width, rank) for n in sizes),
-        "bucket_auc": bucket_auc(np.asarray(test.labels), test_scores, buckets),
+        "bucket_auc": bucket_auc(test_labels, test_scores, buckets),
         "spectra": table_spectra([t.numpy() for t in model.embeddings.collapse()]),
     }

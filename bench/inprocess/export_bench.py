@@ -123,7 +123,7 @@ def process_memory(pid: int) -> dict[str, int]:
     return memory
 
 
-def measure_child(command: list[str]) -> dict:
+def measure_child(command: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run `command`; wall seconds, its own peak RSS (ru_maxrss) and the sampled RSS split.
 
     os.wait4 gives the resource usage of this child alone: RUSAGE_CHILDREN would report the
@@ -131,7 +131,9 @@ def measure_child(command: list[str]) -> dict:
     """
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty child never blocks
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        child = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd
+        )
         peak = {"rss": 0, "anon": 0, "file": 0}
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)

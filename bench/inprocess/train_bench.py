@@ -1,0 +1,264 @@
+"""`mlet bench train`: the TorchRec trainer against the loop it replaced, its memory, resume.
+
+1. Speed: the training step (forward, backward with the tables' update, dense step) of a
+   full d=D and an MLET k=K -> D model on 26 tables of `speed_rows` rows, timed by the
+   study's overhead measurement (variants in turns, median of rounds), once with this
+   checkout and once with a git worktree of `baseline`, the last commit before TorchRec,
+   each in a child process of its own, whose peak resident memory is recorded too.
+2. Memory: `mlet train` of MLET k=K -> D on a generated dataset with Criteo Kaggle's 26
+   table sizes, one full pass, in a child process: its peak RSS (the kernel's high-water
+   mark, os.wait4) against the bytes of what it trains (W1, W2, MLPs, optimizer state).
+   Evaluation, checkpoints and the final save are inside that peak.
+3. Resume: `mlet train` killed with SIGKILL after a checkpoint, then `--resume`d, against
+   the same command uninterrupted; the two model.safetensors must be byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.inprocess.export_bench import KAGGLE_TABLE_SIZES, measure_child
+from mlet.files import read_json, sha256_file, write_json
+from mlet.markdown import markdown_table
+
+BASELINE = "5173b20"  # the last commit whose trainer is the single-process loop
+
+# Run inside a child, with the checkout under test (this one or the baseline) on its path.
+TIMING = """
+import json, sys
+from mlet.dataset import load_dataset
+from study.overhead import OverheadConfig, measure_overhead
+options = json.loads(sys.argv[2])
+known = {k: v for k, v in options.items() if k in OverheadConfig.__dataclass_fields__}
+result = measure_overhead(load_dataset(sys.argv[1]), OverheadConfig(**known))
+print("RESULT " + json.dumps(result))
+"""
+
+
+@dataclass
+class TrainBenchConfig:
+    work: Path = Path(tempfile.gettempdir()) / "mlet-train-bench"
+    baseline: str | None = BASELINE  # None: time this checkout only
+    dim: int = 16
+    hidden: int = 64
+    speed_tables: int = 26
+    speed_rows: int = 100_000  # rows of each table in the speed comparison
+    speed_data_rows: int = 100_000
+    steps: int = 100
+    rounds: int = 3
+    warmup_steps: int = 10
+    batch_size: int = 512
+    memory_tables: tuple[int, ...] = KAGGLE_TABLE_SIZES
+    memory_data_rows: int = 20_000
+    memory: bool = True
+    resume: bool = True
+    seed: int = 0
+    results: dict = field(default_factory=dict)
+
+
+def mlet_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli", *args]
+
+
+def synth(folder: Path, rows: int, table_sizes: tuple[int, ...], seed: int) -> Path:
+    if not (folder / "schema.json").is_file():
+        sizes = ",".join(str(n) for n in table_sizes)
+        subprocess.run(
+            mlet_command("data", "synth", "--out", str(folder), "--rows", str(rows),
+                         "--table-sizes", sizes, "--seed", str(seed)),
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    return folder
+
+
+def baseline_tree(work: Path, commit: str) -> Path:
+    """A git worktree of `commit` (made once), to run the trainer it had."""
+    tree = work / f"baseline-{commit}"
+    if not tree.is_dir():
+        root = Path(__file__).resolve().parents[2]
+        subprocess.run(
+            ["git", "-C", str(root), "worktree", "add", "--detach", str(tree), commit],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+    return tree
+
+
+def time_steps(data: Path, config: TrainBenchConfig, tree: Path | None) -> dict:
+    """Step times of full and MLET in a child process using the code at `tree`."""
+    options = {
+        "dim": config.dim,
+        "hidden": [config.hidden],
+        "batch_size": config.batch_size,
+        "steps": config.steps,
+        "rounds": config.rounds,
+        "warmup_steps": config.warmup_steps,
+        "device": "cpu",
+        "with_dense_gradients": False,  # the baseline's extra variants, not timed here
+        "with_torch_adagrad": False,
+    }
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    command = [sys.executable, "-c", TIMING, str(data), json.dumps(options)]
+    measured = measure_child(command, env=env, cwd=tree)
+    line = next(x for x in measured["output"].splitlines() if x.startswith("RESULT "))
+    rows = {r["label"]: r["total_ms"] for r in json.loads(line[len("RESULT ") :])["rows"]}
+    full, mlet = f"full d={config.dim}", f"mlet d={config.dim} k={config.hidden}"
+    return {
+        "full_ms": rows[full],
+        "mlet_ms": rows[mlet],
+        "peak_rss_bytes": measured["peak_rss_bytes"],
+    }
+
+
+def trained_bytes(table_sizes: tuple[int, ...], dim: int, hidden: int) -> dict:
+    """Bytes of what MLET training holds: W1, W2, MLPs and both optimizers' state."""
+    from mlet.dlrm import build_config, build_mlps
+
+    model = build_config(13, list(table_sizes), "mlet", dim, hidden)
+    mlps = sum(p.numel() for m in build_mlps(model) for p in m.parameters())
+    rows = sum(table_sizes)
+    projections = len(table_sizes) * hidden * dim
+    return {
+        "w1": 4 * rows * hidden,
+        "w2": 4 * projections,
+        "mlps": 4 * mlps,
+        "table_state": 4 * rows,  # row-wise Adagrad: one float a row
+        "dense_state": 4 * (projections + mlps),  # Adagrad's sum for each dense parameter
+    }
+
+
+def train_args(data: Path, out: Path, config: TrainBenchConfig, *extra: str) -> list[str]:
+    return mlet_command(
+        "train", "--data", str(data), "--out", str(out), "--embedding", "mlet",
+        "--dim", str(config.dim), "--hidden", str(config.hidden),
+        "--batch-size", str(config.batch_size), "--seed", str(config.seed), *extra,
+    )  # fmt: skip
+
+
+def measure_memory(config: TrainBenchConfig) -> dict:
+    data = synth(config.work / "kaggle-data", config.memory_data_rows, config.memory_tables,
+                 config.seed)  # fmt: skip
+    run = config.work / "kaggle-run"
+    shutil.rmtree(run, ignore_errors=True)
+    measured = measure_child(train_args(data, run, config, "--epochs", "1"))
+    parts = trained_bytes(config.memory_tables, config.dim, config.hidden)
+    total = sum(parts.values())
+    metrics = read_json(run / "metrics.json")
+    shutil.rmtree(run, ignore_errors=True)
+    return {
+        "tables": len(config.memory_tables),
+        "rows": sum(config.memory_tables),
+        "parameter_bytes": parts,
+        "trained_bytes": total,
+        "peak_rss_bytes": measured["peak_rss_bytes"],
+        "peak_over_trained": measured["peak_rss_bytes"] / total,
+        "seconds": measured["seconds"],
+        "steps": metrics["steps"],
+        "steps_per_second": metrics["steps_per_second"],
+    }
+
+
+def measure_resume(data: Path, config: TrainBenchConfig) -> dict:
+    """Byte-identical weights after a SIGKILL and --resume, against an uninterrupted run."""
+    extra = ("--epochs", "2", "--checkpoint-every", "20", "--patience", "9")
+    whole, killed = config.work / "resume-whole", config.work / "resume-killed"
+    for run in (whole, killed, killed.parent / f"{killed.name}.checkpoints"):
+        shutil.rmtree(run, ignore_errors=True)
+    subprocess.run(train_args(data, whole, config, *extra), check=True, capture_output=True)
+    child = subprocess.Popen(train_args(data, killed, config, *extra),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    pointer = killed.parent / f"{killed.name}.checkpoints" / "checkpoints.json"
+    while child.poll() is None and not (pointer.is_file() and read_json(pointer).get("latest")):
+        time.sleep(0.01)
+    killed_at = read_json(pointer)["latest"] if pointer.is_file() else None
+    if child.poll() is None:
+        child.send_signal(signal.SIGKILL)
+    child.wait()
+    subprocess.run(mlet_command("train", "--resume", str(killed)), check=True,
+                   capture_output=True)  # fmt: skip
+    same = sha256_file(whole / "model.safetensors") == sha256_file(killed / "model.safetensors")
+    return {"killed_after": killed_at, "identical_weights": same}
+
+
+def run_train_bench(config: TrainBenchConfig, out: Path) -> dict:
+    config.work.mkdir(parents=True, exist_ok=True)
+    sizes = (config.speed_rows,) * config.speed_tables
+    data = synth(config.work / "speed-data", config.speed_data_rows, sizes, config.seed)
+    results: dict = {"config": {k: str(v) for k, v in asdict(config).items() if k != "results"}}
+    print("timing this checkout's trainer ...", flush=True)
+    results["torchrec"] = time_steps(data, config, None)
+    if config.baseline:
+        print(f"timing the trainer of {config.baseline} ...", flush=True)
+        tree = baseline_tree(config.work, config.baseline)
+        results["baseline"] = time_steps(data, config, tree)
+        for kind in ("full", "mlet"):
+            results[f"{kind}_speedup"] = (
+                results["baseline"][f"{kind}_ms"] / results["torchrec"][f"{kind}_ms"]
+            )
+    results["mlet_over_full"] = results["torchrec"]["mlet_ms"] / results["torchrec"]["full_ms"]
+    if config.memory:
+        print("training MLET at Criteo Kaggle's table sizes ...", flush=True)
+        results["memory"] = measure_memory(config)
+    if config.resume:
+        print("killing and resuming a run ...", flush=True)
+        results["resume"] = measure_resume(data, config)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "train.json", results)
+    (out / "train.md").write_text(report(results))
+    return results
+
+
+def report(results: dict) -> str:
+    config = results["config"]
+    d, k = config["dim"], config["hidden"]
+    lines = [
+        f"# `mlet bench train`\n\nStep of full d={d} and MLET k={k} -> d={d}, batch "
+        f"{config['batch_size']}, {config['speed_tables']} tables of {config['speed_rows']} "
+        f"rows, median of {config['rounds']} rounds of {config['steps']} steps, each trainer "
+        "in a child process of its own.\n",
+    ]
+    rows = [["TorchRec (this checkout)", *_speed(results["torchrec"])]]
+    if "baseline" in results:
+        rows.append([f"single-process loop ({config['baseline']})", *_speed(results["baseline"])])
+    header = ["trainer", f"full d={d} ms", f"MLET k={k} ms", "MLET / full", "peak RSS"]
+    lines.append(markdown_table(header, rows, "lrrrr"))
+    if "baseline" in results:
+        lines.append(
+            f"\nSpeed-up of the TorchRec step: {results['full_speedup']:.2f}x full, "
+            f"{results['mlet_speedup']:.2f}x MLET."
+        )
+    if "memory" in results:
+        m = results["memory"]
+        lines.append(
+            f"\nMLET k={k} -> d={d} at {m['tables']} tables of {m['rows']:,} rows, one pass "
+            f"({m['steps']} steps, {m['seconds']:.0f} s with checkpoint and save): peak RSS "
+            f"{m['peak_rss_bytes'] / 2**30:.2f} GiB for {m['trained_bytes'] / 2**30:.2f} GiB "
+            f"trained, **{m['peak_over_trained']:.3f}x**."
+        )
+    if "resume" in results:
+        r = results["resume"]
+        lines.append(
+            f"\nKilled (SIGKILL) after checkpoint {r['killed_after']} and resumed: weights "
+            + (
+                "byte-identical to the uninterrupted run."
+                if r["identical_weights"]
+                else "**differ** from the uninterrupted run."
+            )  # fmt: skip
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _speed(entry: dict) -> list[str]:
+    return [f"{entry['full_ms']:.2f}", f"{entry['mlet_ms']:.2f}",
+            f"{entry['mlet_ms'] / entry['full_ms']:.2f}x",
+            f"{entry['peak_rss_bytes'] / 2**30:.2f} GiB"]  # fmt: skip
