@@ -226,7 +226,10 @@ def shard_model(model: nn.Module, tables, config, processes: Processes, fixed_pl
     )
     plan = sharding_plan(model, tables, config.sharding, processes, fixed_plan)
     with quiet_torchrec():
-        sharded = DistributedModelParallel(model, device=processes.device, plan=plan)
+        # one process has nothing to average: no DDP around the dense part then
+        sharded = DistributedModelParallel(
+            model, device=processes.device, plan=plan, init_data_parallel=processes.world > 1
+        )
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(sharded.named_parameters())),
         dense_optimizer(config.optimizer, config.lr),

@@ -116,7 +116,8 @@ class TrainConfig:
     @property
     def model_options(self) -> dict:
         """What decides the network and its training, not how long or where it runs."""
-        ignored = {"epochs", "patience", "progress", "device", "eval_batch_size"}
+        ignored = {"epochs", "patience", "checkpoint_every", "progress", "device",
+                   "eval_batch_size"}  # fmt: skip
         return {k: v for k, v in asdict(self).items() if k not in ignored}
 
 

@@ -2,9 +2,10 @@
 
 1. Speed: the training step (forward, backward with the tables' update, dense step) of a
    full d=D and an MLET k=K -> D model on 26 tables of `speed_rows` rows, timed by the
-   study's overhead measurement (variants in turns, median of rounds), once with this
-   checkout and once with a git worktree of `baseline`, the last commit before TorchRec,
-   each in a child process of its own, whose peak resident memory is recorded too.
+   study's overhead measurement (variants in turns, median of rounds), and the steps/s of
+   one epoch of `mlet train` (data loading included); once with this checkout and once
+   with a git worktree of `baseline`, the last commit before TorchRec, each in child
+   processes of its own, whose peak resident memory is recorded too.
 2. Memory: `mlet train` of MLET k=K -> D on a generated dataset with Criteo Kaggle's 26
    table sizes, one full pass, in a child process: its peak RSS (the kernel's high-water
    mark, os.wait4) against the bytes of what it trains (W1, W2, MLPs, optimizer state).
@@ -120,6 +121,24 @@ def time_steps(data: Path, config: TrainBenchConfig, tree: Path | None) -> dict:
     }
 
 
+def loop_speed(data: Path, config: TrainBenchConfig, tree: Path | None) -> dict:
+    """Steps/s of one epoch of `mlet train` (data loading included) with the code at `tree`."""
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    speeds = {}
+    for kind, extra in (("full", ()), ("mlet", ("--hidden", str(config.hidden)))):
+        run = config.work / f"loop-{kind}-{'baseline' if tree else 'torchrec'}"
+        shutil.rmtree(run, ignore_errors=True)
+        command = [sys.executable, "-m", "cli", "train", "--data", str(data.resolve()),
+                   "--out", str(run.resolve()), "--embedding", kind, "--dim", str(config.dim),
+                   *extra, "--epochs", "1", "--batch-size", str(config.batch_size)]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, env=env, cwd=tree)
+        speeds[f"{kind}_steps_per_s"] = read_json(run / "metrics.json")["steps_per_second"]
+        shutil.rmtree(run, ignore_errors=True)
+    return speeds
+
+
 def trained_bytes(table_sizes: tuple[int, ...], dim: int, hidden: int) -> dict:
     """Bytes of what MLET training holds: W1, W2, MLPs and both optimizers' state."""
     from mlet.dlrm import build_config, build_mlps
@@ -196,16 +215,20 @@ def run_train_bench(config: TrainBenchConfig, out: Path) -> dict:
     data = synth(config.work / "speed-data", config.speed_data_rows, sizes, config.seed)
     results: dict = {"config": {k: str(v) for k, v in asdict(config).items() if k != "results"}}
     print("timing this checkout's trainer ...", flush=True)
-    results["torchrec"] = time_steps(data, config, None)
+    results["torchrec"] = {**time_steps(data, config, None), **loop_speed(data, config, None)}
     if config.baseline:
         print(f"timing the trainer of {config.baseline} ...", flush=True)
         tree = baseline_tree(config.work, config.baseline)
-        results["baseline"] = time_steps(data, config, tree)
+        results["baseline"] = {**time_steps(data, config, tree), **loop_speed(data, config, tree)}
+        new, old = results["torchrec"], results["baseline"]
         for kind in ("full", "mlet"):
-            results[f"{kind}_speedup"] = (
-                results["baseline"][f"{kind}_ms"] / results["torchrec"][f"{kind}_ms"]
+            results[f"{kind}_step_speedup"] = old[f"{kind}_ms"] / new[f"{kind}_ms"]
+            results[f"{kind}_loop_speedup"] = (
+                new[f"{kind}_steps_per_s"] / old[f"{kind}_steps_per_s"]
             )
-    results["mlet_over_full"] = results["torchrec"]["mlet_ms"] / results["torchrec"]["full_ms"]
+    new = results["torchrec"]
+    results["mlet_over_full"] = new["mlet_ms"] / new["full_ms"]
+    results["mlet_over_full_loop"] = new["full_steps_per_s"] / new["mlet_steps_per_s"]
     if config.memory:
         print("training MLET at Criteo Kaggle's table sizes ...", flush=True)
         results["memory"] = measure_memory(config)
@@ -230,12 +253,18 @@ def report(results: dict) -> str:
     rows = [["TorchRec (this checkout)", *_speed(results["torchrec"])]]
     if "baseline" in results:
         rows.append([f"single-process loop ({config['baseline']})", *_speed(results["baseline"])])
-    header = ["trainer", f"full d={d} ms", f"MLET k={k} ms", "MLET / full", "peak RSS"]
-    lines.append(markdown_table(header, rows, "lrrrr"))
+    header = ["trainer", f"full d={d} ms", f"MLET k={k} ms", "MLET / full", "peak RSS",
+              "full steps/s", "MLET steps/s", "MLET / full"]  # fmt: skip
+    lines.append(markdown_table(header, rows, "lrrrrrrr"))
+    lines.append(
+        "\nms: the step alone on batches held in memory (the study's overhead measurement); "
+        "steps/s: one epoch of `mlet train`, reading the dataset as it trains."
+    )
     if "baseline" in results:
         lines.append(
-            f"\nSpeed-up of the TorchRec step: {results['full_speedup']:.2f}x full, "
-            f"{results['mlet_speedup']:.2f}x MLET."
+            f"\nSpeed-up of TorchRec, step alone: {results['full_step_speedup']:.2f}x full, "
+            f"{results['mlet_step_speedup']:.2f}x MLET; in the training loop: "
+            f"{results['full_loop_speedup']:.2f}x full, {results['mlet_loop_speedup']:.2f}x MLET."
         )
     if "memory" in results:
         m = results["memory"]
@@ -259,6 +288,8 @@ def report(results: dict) -> str:
 
 
 def _speed(entry: dict) -> list[str]:
+    full, mlet = entry["full_steps_per_s"], entry["mlet_steps_per_s"]
     return [f"{entry['full_ms']:.2f}", f"{entry['mlet_ms']:.2f}",
             f"{entry['mlet_ms'] / entry['full_ms']:.2f}x",
-            f"{entry['peak_rss_bytes'] / 2**30:.2f} GiB"]  # fmt: skip
+            f"{entry['peak_rss_bytes'] / 2**30:.2f} GiB",
+            f"{full:.1f}", f"{mlet:.1f}", f"{full / mlet:.2f}x"]  # fmt: skip
