@@ -24,6 +24,11 @@ def add_parser(stages) -> None:
     study.add_argument("--stage", choices=["all", "grid", "overhead", "report"], default="all")
     study.add_argument("--title", help="name used in the report and plots")
     study.add_argument(
+        "--optimizer",
+        choices=["rwsadagrad", "adagrad", "sgd", "adam"],
+        help="as mlet train's (default rwsadagrad)",
+    )
+    study.add_argument(
         "--overhead-widths",
         type=int_pair,
         metavar="D,EQUAL",
@@ -51,6 +56,7 @@ def cmd_study(args: argparse.Namespace) -> None:
         title=args.title,
         grid=grid,
         overhead_widths=args.overhead_widths,
+        optimizer=args.optimizer,
     )
     report = run_study_command(command)
     print(f"report: {report}")

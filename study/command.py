@@ -30,6 +30,7 @@ class StudyCommand:
     stage: str = "all"
     title: str | None = None
     grid: dict | None = None  # overrides of full_dims, mlet_dims, mlet_hidden, ... (a subset)
+    optimizer: str | None = None  # the trainer's tables' optimizer (default rwsadagrad)
     # (MLET width, full width of equal accuracy) to time; default: the study's verdicts
     overhead_widths: tuple[int, int] | None = None
 
@@ -52,6 +53,8 @@ class StudyCommand:
                 options[name] = tuple(values)
         if self.max_rows is not None:
             options["max_rows"] = self.max_rows or None
+        if self.optimizer:
+            options["optimizer"] = self.optimizer
         return replace(config, **options)
 
     def out_path(self) -> Path:
