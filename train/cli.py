@@ -142,13 +142,19 @@ def _normal(value):
     return list(value) if isinstance(value, tuple | list) else value
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
+def launch_torchrun(nproc: int, argv: list[str], device: str) -> int:
     """Run this same command on `nproc` processes under torchrun; its exit status."""
     import subprocess
 
-    cores = os.cpu_count() or 1
-    wants_cuda = any(a.startswith("cuda") for a in argv)
-    if not wants_cuda and nproc > cores:
+    import torch
+
+    from train.distributed import resolve_device
+
+    if resolve_device(device).type == "cuda":
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise SystemExit(f"error: --nproc {nproc} is more than this machine's {gpus} GPUs")
+    elif nproc > (cores := os.cpu_count() or 1):
         raise SystemExit(f"error: --nproc {nproc} is more than this machine's {cores} CPU cores")
     rest = _without_nproc(argv)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -172,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.nproc < 1:
         raise SystemExit(f"error: --nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        status = launch_torchrun(args.nproc, args.argv)
+        status = launch_torchrun(args.nproc, args.argv, args.device or "auto")
         if status:
             raise SystemExit(status)
         return

@@ -7,7 +7,9 @@ kernel, so the process's resident memory does not grow with the dataset. The ord
 epoch depends on (seed, epoch) alone, so a resumed run regenerates it and skips ahead.
 
 With several processes, every global batch is cut into equal consecutive slices, one per
-rank: each process reads only its own rows.
+rank, and each process trains on its own slice. In training every process copies the
+whole chunk out of the map (its rows are scattered over the chunk by the shuffle); in
+evaluation each reads only its own rows.
 """
 
 from __future__ import annotations
@@ -207,17 +209,16 @@ def ordered_batches(
 
     def produce():
         for start in range(rows.start, rows.stop, batch_size):
-            stop = min(start + batch_size, rows.stop)
-            global_rows = read_rows(dataset, start, stop)
-            share = -(-(stop - start) // world)
-            begin = min(rank * share, stop - start)
-            end = min(begin + share, stop - start)
-            mine = tuple(a[begin:end] for a in global_rows)
-            real = end - begin
+            count = min(batch_size, rows.stop - start)
+            share = -(-count // world)
+            begin = min(rank * share, count)
+            real = min(begin + share, count) - begin
+            # a rank with no real rows left still runs the step, on the batch's first row
+            mine = read_rows(dataset, start + begin, start + begin + real) if real else (
+                read_rows(dataset, start, start + 1))  # fmt: skip
             if real < share:
-                source = mine if real else tuple(a[:1] for a in global_rows)
-                mine = tuple(np.concatenate([a, np.repeat(s[:1], share - real, 0)])
-                             for a, s in zip(mine, source, strict=True))  # fmt: skip
+                mine = tuple(np.concatenate([a, np.repeat(a[:1], share - len(a), 0)])
+                             for a in mine)  # fmt: skip
             yield to_batch(*mine, device), real
 
     return prefetched(produce())

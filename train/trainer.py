@@ -15,7 +15,6 @@ loaded back, evaluated on test and saved as the run's model.safetensors.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -248,11 +247,16 @@ class Trainer:
         config: TrainConfig,
         root: Path,
         data_folder: Path | None = None,
-        fixed_plan: dict[str, str] | None = None,
+        resume: bool = False,
     ) -> None:
         self.dataset, self.config, self.root = dataset, config, root
         self.data_folder = data_folder
         self.processes = start_processes(config.device)
+        # the interrupted run's identity, read once: its plan is repeated, its rest checked
+        self.resumed = read_trainer_state(checkpoint_path(root))["identity"] if resume else None
+        fixed_plan = None
+        if self.resumed and self.resumed["processes"] == self.processes.world:
+            fixed_plan = self.resumed["plan"]  # whatever the planner would choose now
         self.model_config = model_config_for(dataset, config)
         split = split_rows(len(dataset), config.val_fraction, config.test_fraction)
         self.split = split
@@ -290,8 +294,8 @@ class Trainer:
         return {name: option.sharding_type for name, option in tables.items()}
 
     def resume(self) -> None:
-        path = checkpoint_path(self.root, "latest")
-        saved = read_trainer_state(path)["identity"]
+        """Continue from the latest checkpoint (the Trainer was made with resume=True)."""
+        path, saved = checkpoint_path(self.root, "latest"), self.resumed
         mine = json.loads(json.dumps(self.identity()))  # as JSON holds it: lists, not tuples
         for key in mine:
             if saved.get(key) != mine[key]:
@@ -462,11 +466,6 @@ def train_model(dataset: Dataset, config: TrainConfig) -> TrainResult:
     return TrainResult(metrics, metrics["history"], test, _model=model.eval())
 
 
-def dist_world_size() -> int:
-    """The number of processes this run has (torchrun's, or one)."""
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-
-
 def checkpoint_root(out: Path) -> Path:
     """Checkpoints of the run `out` while it trains: a folder beside it."""
     return out.parent / f"{out.name}.checkpoints"
@@ -496,12 +495,7 @@ def train_run(
             f"`mlet train --resume {out}`, or pass --overwrite to start over"
         )
     dataset = load_dataset(data)
-    fixed_plan = None
-    if resume:  # shard as the interrupted run did, whatever the planner would choose now
-        saved = read_trainer_state(checkpoint_path(root))["identity"]
-        if saved["processes"] == dist_world_size():
-            fixed_plan = saved["plan"]
-    trainer = Trainer(dataset, config, root, Path(data).resolve(), fixed_plan)
+    trainer = Trainer(dataset, config, root, Path(data).resolve(), resume)
     if resume:
         trainer.resume()
     elif trainer.is_main and root.exists():

@@ -81,6 +81,14 @@ def synth(folder: Path, rows: int, table_sizes: tuple[int, ...], seed: int) -> P
     return folder
 
 
+def tree_env(tree: Path | None) -> dict:
+    """The environment of a child that runs the code at `tree` (None: this checkout)."""
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    return env
+
+
 def baseline_tree(work: Path, commit: str) -> Path:
     """A git worktree of `commit` (made once), to run the trainer it had."""
     tree = work / f"baseline-{commit}"
@@ -106,11 +114,8 @@ def time_steps(data: Path, config: TrainBenchConfig, tree: Path | None) -> dict:
         "with_dense_gradients": False,  # the baseline's extra variants, not timed here
         "with_torch_adagrad": False,
     }
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
     command = [sys.executable, "-c", TIMING, str(data), json.dumps(options)]
-    measured = measure_child(command, env=env, cwd=tree)
+    measured = measure_child(command, env=tree_env(tree), cwd=tree)
     line = next(x for x in measured["output"].splitlines() if x.startswith("RESULT "))
     rows = {r["label"]: r["total_ms"] for r in json.loads(line[len("RESULT ") :])["rows"]}
     full, mlet = f"full d={config.dim}", f"mlet d={config.dim} k={config.hidden}"
@@ -123,17 +128,12 @@ def time_steps(data: Path, config: TrainBenchConfig, tree: Path | None) -> dict:
 
 def loop_speed(data: Path, config: TrainBenchConfig, tree: Path | None) -> dict:
     """Steps/s of one epoch of `mlet train` (data loading included) with the code at `tree`."""
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
     speeds = {}
-    for kind, extra in (("full", ()), ("mlet", ("--hidden", str(config.hidden)))):
-        run = config.work / f"loop-{kind}-{'baseline' if tree else 'torchrec'}"
+    for kind in ("full", "mlet"):
+        run = (config.work / f"loop-{kind}-{'baseline' if tree else 'torchrec'}").resolve()
         shutil.rmtree(run, ignore_errors=True)
-        command = [sys.executable, "-m", "cli", "train", "--data", str(data.resolve()),
-                   "--out", str(run.resolve()), "--embedding", kind, "--dim", str(config.dim),
-                   *extra, "--epochs", "1", "--batch-size", str(config.batch_size)]  # fmt: skip
-        subprocess.run(command, check=True, capture_output=True, env=env, cwd=tree)
+        command = train_args(data.resolve(), run, config, "--epochs", "1", embedding=kind)
+        subprocess.run(command, check=True, capture_output=True, env=tree_env(tree), cwd=tree)
         speeds[f"{kind}_steps_per_s"] = read_json(run / "metrics.json")["steps_per_second"]
         shutil.rmtree(run, ignore_errors=True)
     return speeds
@@ -156,10 +156,14 @@ def trained_bytes(table_sizes: tuple[int, ...], dim: int, hidden: int) -> dict:
     }
 
 
-def train_args(data: Path, out: Path, config: TrainBenchConfig, *extra: str) -> list[str]:
+def train_args(
+    data: Path, out: Path, config: TrainBenchConfig, *extra: str, embedding: str = "mlet"
+) -> list[str]:
+    """`mlet train` of the bench's model; options both trainers, old and new, take."""
+    hidden = ("--hidden", str(config.hidden)) if embedding == "mlet" else ()
     return mlet_command(
-        "train", "--data", str(data), "--out", str(out), "--embedding", "mlet",
-        "--dim", str(config.dim), "--hidden", str(config.hidden),
+        "train", "--data", str(data), "--out", str(out), "--embedding", embedding,
+        "--dim", str(config.dim), *hidden,
         "--batch-size", str(config.batch_size), "--seed", str(config.seed), *extra,
     )  # fmt: skip
 
