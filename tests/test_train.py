@@ -180,3 +180,60 @@ def test_validation_inside_epochs_and_early_stopping(tiny_data):
     by_auc = train_model(load_dataset(tiny_data), tiny_train_config(epochs=2, stop_on="auc"))
     best = max(by_auc.metrics["history"], key=lambda h: h["val_auc"])
     assert by_auc.metrics["best_step"] == best["step"]
+
+
+def _plain_copy(sharded, model_config):
+    """A plain DLRM holding the sharded model's current weights, under DLRM's names."""
+    from mlet.dlrm import DLRM
+    from train.saving import BAGS_PREFIX, PROJECTION, local_rows
+
+    plain = DLRM(model_config)
+    state = plain.state_dict()
+    names = [t.name for t in model_config.tables]
+    for key, value in sharded.state_dict().items():
+        if key.startswith(BAGS_PREFIX):
+            index = names.index(key[len(BAGS_PREFIX) :].split(".")[0])
+            rows = local_rows(value, 0, value.size(0), value.size(1))
+            state[f"embeddings.tables.{index}.table.weight"] = torch.from_numpy(rows.copy())
+        elif key == PROJECTION:
+            for i in range(len(names)):
+                state[f"embeddings.tables.{i}.projection.weight"] = value[i].detach().clone()
+        elif torch.is_tensor(value):
+            state[key] = value.detach().clone()
+    plain.load_state_dict(state)
+    return plain
+
+
+@pytest.mark.parametrize("embedding,hidden", [("full", None), ("mlet", 8)])
+def test_fused_adagrad_takes_torchs_adagrad_steps(embedding, hidden):
+    """FBGEMM's table update is torch.optim.Adagrad's, epsilon included: tiny gradients
+    (a batch-mean loss gives a table row little) are where a larger epsilon slows tables."""
+    from mlet.dlrm import build_config
+    from train.distributed import shard_model, start_processes
+    from train.trainer import build_model
+
+    sizes = [50, 70, 30]
+    model_config = build_config(
+        num_dense=3, table_sizes=sizes, table_names=["a", "b", "c"], embedding=embedding,
+        dim=4, hidden=hidden, bottom_mlp=(8,), top_mlp=(8, 4), interaction="dot",
+        dense_transform="log1p", hotness=1,
+    )  # fmt: skip
+    config = TrainConfig(embedding=embedding, dim=4, hidden=hidden, optimizer="adagrad",
+                         device="cpu")  # fmt: skip
+    model = build_model(model_config, config)
+    sharded, optimizer, _ = shard_model(model, model.embeddings, config, start_processes("cpu"))
+    plain = _plain_copy(sharded, model_config)
+    reference = torch.optim.Adagrad(plain.parameters(), lr=config.lr)
+    loss = torch.nn.BCEWithLogitsLoss()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        dense = torch.rand(64, 3, generator=generator)
+        sparse = torch.stack([torch.randint(0, n, (64,), generator=generator) for n in sizes], 1)
+        labels = (torch.rand(64, generator=generator) < 0.3).float()
+        for net, opt in ((sharded, optimizer), (plain, reference)):
+            opt.zero_grad()
+            loss(net(dense, sparse).squeeze(1), labels).backward()
+            opt.step()
+    after = _plain_copy(sharded, model_config).state_dict()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(after[key], value, atol=1e-6, rtol=1e-5, msg=key)
