@@ -43,7 +43,7 @@ class DemoConfig:
     users: int = 16
     duration: float = 15.0
     models: tuple[DemoModel, ...] = (BASELINE, COMPRESSED, SAME_WIDTH)
-    variants: tuple[str, ...] = ("fp32", "fp16", "int8")
+    variants: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 
 
 def step(message: str) -> None:
@@ -109,16 +109,17 @@ def variants_table(manifests: dict[str, Manifest]) -> str:
     """Bytes and accuracy of every exported variant against its fp32 export."""
     rows = []
     for name, m in manifests.items():
-        auc_difference = m.accuracy.get("auc_difference")
+        auc, logloss = (m.accuracy.get(k) for k in ("auc_difference", "logloss_difference"))
         rows.append(
             [name, m.variant, f"{m.model_bytes:,}", f"{(m.weights or {}).get('table_bytes', 0):,}",
              f"{m.accuracy.get('max_abs_diff', 0.0):.2e}",
-             "-" if auc_difference is None else f"{auc_difference:+.6f}"]
+             "-" if auc is None else f"{auc:+.6f}", "-" if logloss is None else f"{logloss:+.6f}"]
         )  # fmt: skip
-    header = ["model", "variant", "bytes", "table bytes", "max abs diff", "AUC difference"]
+    header = ["model", "variant", "bytes", "table bytes", "max abs diff", "AUC difference",
+              "log loss difference"]  # fmt: skip
     return (
         "Exported variants, each against its fp32 export on held-out test rows:\n\n"
-        + markdown_table(header, rows, "llrrrr")
+        + markdown_table(header, rows, "llrrrrr")
         + "\n"
     )
 

@@ -17,10 +17,11 @@ import onnx
 from export.references import HeldOut, References, max_abs_diff
 from export.runtimes import onnxruntime_probabilities, tensorrt_probabilities
 from export.tensorrt_checks import check_tensorrt_file
-from mlet.metrics import roc_auc
+from mlet.metrics import log_loss, roc_auc
 from mlet.run import Run
 from mlet.runtime import CPU, CUDA, cuda_provider_reason
 from mlet.spec import ExportSpec
+from mlet.variants import VARIANTS
 
 # Ops that EmbeddingBag and sequence-style lowerings produce. TensorRT rejects them and
 # ONNX Runtime runs them slowly; a table lookup must be a plain Gather.
@@ -52,7 +53,7 @@ class CheckContext:
     held: HeldOut
     references: References
     collapse_diff: float
-    max_auc_loss: float
+    max_auc_loss: float | None
     log: Callable[[str], None]
 
 
@@ -165,7 +166,7 @@ def provider_parity(
 
 
 def accuracy_against(probabilities: np.ndarray, reference: np.ndarray, held: HeldOut) -> dict:
-    """Max abs difference and AUC difference of a variant against the fp32 export."""
+    """Max abs difference, AUC and log loss difference of a variant against the fp32 export."""
     figures = {
         "reference": "fp32 export, ONNX Runtime (CPU)",
         "rows": len(reference),
@@ -179,12 +180,17 @@ def accuracy_against(probabilities: np.ndarray, reference: np.ndarray, held: Hel
         figures["auc"] = roc_auc(held.labels, probabilities)
         figures["auc_fp32"] = roc_auc(held.labels, reference)
         figures["auc_difference"] = figures["auc"] - figures["auc_fp32"]
+        figures["logloss"] = log_loss(held.labels, probabilities)
+        figures["logloss_difference"] = figures["logloss"] - log_loss(held.labels, reference)
     else:
         figures["auc_note"] = "no labels for these rows: AUC not measured"
     return figures
 
 
-def accuracy_problems(variant: str, accuracy: dict, max_auc_loss: float) -> list[str]:
+def accuracy_problems(variant: str, accuracy: dict, max_auc_loss: float | None) -> list[str]:
+    """A variant losing more test AUC than allowed (None: its own default) is refused."""
+    if max_auc_loss is None:
+        max_auc_loss = VARIANTS[variant].max_auc_loss
     loss = -(accuracy["auc_difference"] or 0.0)
     if variant != "fp32" and loss > max_auc_loss:
         return [f"loses {loss:.4f} test AUC against fp32 (at most {max_auc_loss:g} allowed)"]

@@ -19,10 +19,13 @@ def add_parser(stages) -> None:
     export.add_argument("--replace", action="store_true", help="replace a different model")
     export.add_argument(
         "--variants", type=name_list, default=["fp32"],
-        help="fp32,fp16,int8,trt,trt-fp16: each becomes a model NAME[-VARIANT]",
+        help="fp32,fp16,int8,int4,trt,trt-fp16: each becomes a model NAME[-VARIANT]",
     )  # fmt: skip
     export.add_argument(
-        "--max-auc-loss", type=float, default=0.001, help="refuse a variant losing more test AUC"
+        "--max-auc-loss",
+        type=float,
+        default=None,
+        help="refuse a variant losing more test AUC (default 0.001; int4 0.002)",
     )
     export.add_argument(
         "--external-data-bytes", type=int, default=64 << 20,

@@ -4,8 +4,11 @@ One builder writes every exported model, whatever its precision and size:
 
     fp32  tables and MLPs in float32
     fp16  tables and MLPs in float16; float32 inputs and output (casts inside the graph)
-    int8  tables row-wise quantized (uint8 codes, float16 scale and offset per row, see
-          export.quantize), dequantized right after the Gather; MLPs in float32
+    int8  tables row-wise quantized (int8 codes and a float16 scale per row, see
+          export.quantize), dequantized right after the Gather; MLP weights stored in
+          float16 and cast to float32 once (computed in float32)
+    int4  4-bit codes packed two to a byte with a float16 scale and offset per row,
+          unpacked after the Gather with BitwiseAnd and BitShift; MLPs as int8
 
 The graph is written with onnx.helper rather than traced from PyTorch: tracing needs the
 whole model in memory and serializes it in one protobuf, which fails past 2 GB and needs
@@ -33,7 +36,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from export.quantize import check_finite, quantize_rows, to_float16
+from export.quantize import BITS, check_finite, encode_rows, packed_width, to_float16
 from export.sources import ModelWeights
 from mlet.dlrm import DLRMConfig, build_mlps
 from mlet.spec import ExportSpec
@@ -74,15 +77,24 @@ def data_file_name(onnx_path: Path) -> str:
 
 
 def table_row_bytes(variant: str, dim: int) -> int:
-    """Bytes per table row: 4 or 2 per element, or 1 per code plus a float16 scale and offset."""
-    return {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 4}[variant]
+    """Bytes per table row: 4 or 2 per element; int8 a byte per code and a float16 scale;
+    int4 half a byte per code and a float16 scale and offset."""
+    return {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 2, "int4": packed_width(dim) + 4}[
+        variant
+    ]
+
+
+def mlp_weight_bytes(variant: str) -> int:
+    """Bytes per MLP parameter: float32 in fp32, float16 in every smaller variant (int8 and
+    int4 compute in float32 on weights cast up from float16 once)."""
+    return 4 if variant == "fp32" else 2
 
 
 def planned_bytes(config: DLRMConfig, variant: str) -> int:
     """Weight bytes of a variant, known before anything is written."""
     tables = sum(t.rows * table_row_bytes(variant, t.dim) for t in config.tables)
     mlp_params = sum(p.numel() for m in build_mlps(config) for p in m.parameters())
-    return tables + mlp_params * (2 if variant == "fp16" else 4)
+    return tables + mlp_params * mlp_weight_bytes(variant)
 
 
 def row_parts(rows: int, dim: int, max_elements: int) -> list[tuple[int, int]]:
@@ -180,7 +192,8 @@ class TablePart:
 
     start: int
     rows: int
-    values: str  # float table, or uint8 codes
+    values: str  # float table, or codes (int8: int8; int4: uint8, two a byte)
+    dim: int
     scale: str | None = None
     offset: str | None = None
 
@@ -192,15 +205,18 @@ class TableEncoder:
         self, variant: str, store: TensorStore, name: str, start: int, rows: int, dim: int
     ):
         self.variant, self.store, self.what = variant, store, f"table {name}"
+        quantized = variant in BITS
         self.part = TablePart(
             start,
             rows,
-            values=name + (".codes" if variant == "int8" else ""),
-            scale=name + ".scale" if variant == "int8" else None,
-            offset=name + ".offset" if variant == "int8" else None,
+            values=name + (".codes" if quantized else ""),
+            dim=dim,
+            scale=name + ".scale" if quantized else None,
+            offset=name + ".offset" if variant == "int4" else None,
         )
-        dtype = {"fp32": np.float32, "fp16": np.float16, "int8": np.uint8}[variant]
-        self.values = store.stream(self.part.values, dtype, (rows, dim))
+        dtype = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8, "int4": np.uint8}[variant]
+        width = packed_width(dim) if variant == "int4" else dim
+        self.values = store.stream(self.part.values, dtype, (rows, width))
         self.scales: list[np.ndarray] = []
         self.offsets: list[np.ndarray] = []
         self.tensors: list[TensorProto] = []
@@ -211,17 +227,19 @@ class TableEncoder:
         elif self.variant == "fp16":
             self.values.write(to_float16(block, self.what))
         else:
-            codes, scale, offset = quantize_rows(block, self.what)
+            codes, scale, offset = encode_rows(self.variant, block, self.what)
             self.values.write(codes)
             self.scales.append(scale)
             self.offsets.append(offset)
 
     def finish(self) -> TablePart:
         self.tensors.append(self.values.finish())
-        if self.variant == "int8":
+        if self.variant in BITS:
             # Scales and offsets are small next to the codes: collected, then written after them.
             self.tensors.append(self.store.whole(self.part.scale, np.concatenate(self.scales)))
-            self.tensors.append(self.store.whole(self.part.offset, np.concatenate(self.offsets)))
+            if self.part.offset is not None:
+                offsets = np.concatenate(self.offsets)
+                self.tensors.append(self.store.whole(self.part.offset, offsets))
         return self.part
 
 
@@ -288,14 +306,22 @@ class GraphBuilder:
             if isinstance(module, nn.Linear):
                 weight = module.weight.detach().numpy().T  # [in, out]
                 bias = module.bias.detach().numpy()
-                w = self.constant(f"{prefix}.{index}.weight", self.float_array(weight))
-                b = self.constant(f"{prefix}.{index}.bias", self.float_array(bias))
+                w = self.mlp_weight(f"{prefix}.{index}.weight", weight)
+                b = self.mlp_weight(f"{prefix}.{index}.bias", bias)
                 x = self.node("Add", [self.node("MatMul", [x, w]), b])
             elif isinstance(module, nn.ReLU):
                 x = self.node("Relu", [x])
             else:
                 raise ValueError(f"{prefix}: cannot lower layer {type(module).__name__}")
         return x
+
+    def mlp_weight(self, name: str, array: np.ndarray) -> str:
+        """An MLP tensor in the compute type; int8 and int4 store it in float16 and cast it
+        (the cast of an initializer is folded once when ONNX Runtime loads the model)."""
+        if self.variant not in BITS:
+            return self.constant(name, self.float_array(array))
+        stored = self.constant(name, to_float16(array, f"MLP weight {name}"))
+        return self.node("Cast", [stored], to=TensorProto.FLOAT)
 
     # -- tables -----------------------------------------------------------------------------
 
@@ -315,12 +341,36 @@ class GraphBuilder:
         return vectors
 
     def gather_part(self, part: TablePart, ids: str) -> str:
-        if self.variant != "int8":
+        if self.variant not in BITS:
             return self.node("Gather", [part.values, ids])
-        codes = self.node("Cast", [self.node("Gather", [part.values, ids])], to=TensorProto.FLOAT)
+        codes = self.node("Gather", [part.values, ids])  # [..., D] or int4's [..., ceil(D/2)]
+        if self.variant == "int4":
+            codes = self.unpack_int4(codes, part.dim)
+        codes = self.node("Cast", [codes], to=TensorProto.FLOAT)
         scale = self.node("Cast", [self.node("Gather", [part.scale, ids])], to=TensorProto.FLOAT)
+        rows = self.node("Mul", [codes, scale])
+        if part.offset is None:  # int8 is symmetric
+            return rows
         offset = self.node("Cast", [self.node("Gather", [part.offset, ids])], to=TensorProto.FLOAT)
-        return self.node("Add", [self.node("Mul", [codes, scale]), offset])
+        return self.node("Add", [rows, offset])
+
+    def unpack_int4(self, packed: str, dim: int) -> str:
+        """[..., ceil(D/2)] bytes -> [..., D] codes: low nibble first, as export.quantize packs."""
+        low = self.node("BitwiseAnd", [packed, self.constant("const.low_nibble", np.uint8(15))])
+        high = self.node(
+            "BitShift", [packed, self.constant("const.nibble_bits", np.uint8(4))], direction="RIGHT"
+        )
+        pairs = self.node(
+            "Concat",
+            [self.node("Unsqueeze", [x, self.int64s(-1)]) for x in (low, high)],
+            axis=-1,
+        )  # [..., ceil(D/2), 2]
+        keep = [0] * (1 if self.config.hotness == 1 else 2)  # Reshape's 0 keeps B (and H)
+        codes = self.node("Reshape", [pairs, self.int64s(*keep, -1)])
+        if dim % 2:  # the last high nibble is padding
+            last = self.int64s(-1)
+            codes = self.node("Slice", [codes, self.int64s(0), self.int64s(dim), last])
+        return codes
 
     def gather_block(self, part: TablePart, ids: str) -> str:
         """The vectors of ids that fall in this row block, zeros for the others."""

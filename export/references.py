@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.quantize import dequantize_rows, quantize_rows
+from export.quantize import BITS, round_trip
 from export.sources import RunWeights
 from mlet.dataset import Split, load_dataset, split_rows
 from mlet.dlrm import DLRM
@@ -67,13 +67,17 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def dequantized_copy(collapsed: DLRM) -> DLRM:
-    """The collapsed model with every table replaced by its int8 round trip."""
+def dequantized_copy(collapsed: DLRM, variant: str = "int8") -> DLRM:
+    """What a quantized variant holds, in PyTorch: the collapsed model with every table
+    replaced by its row-wise round trip and the MLPs by their float16 round trip."""
     model = DLRM(collapsed.config, sparse=False)
     model.load_state_dict(collapsed.state_dict())
+    for name, tensor in model.named_parameters():
+        if not name.startswith("embeddings."):
+            tensor.copy_(tensor.half().float())
     for table in model.embeddings.tables:
         rows = table.table.weight.numpy()
-        table.table.weight.copy_(torch.from_numpy(dequantize_rows(*quantize_rows(rows))))
+        table.table.weight.copy_(torch.from_numpy(round_trip(variant, rows)))
     return model.eval()
 
 
@@ -83,11 +87,14 @@ class References:
 
     trained: np.ndarray
     collapsed: np.ndarray
-    dequantized: np.ndarray
+    dequantized: dict[str, np.ndarray]  # int8, int4
 
     def for_variant(self, variant: str) -> tuple[np.ndarray, str]:
-        if variant == "int8":
-            return self.dequantized, "PyTorch, collapsed model with the int8 round trip of its rows"
+        if variant in self.dequantized:
+            return self.dequantized[variant], (
+                f"PyTorch, collapsed model with the {variant} round trip of its rows and "
+                "float16 MLP weights"
+            )
         return self.collapsed, "PyTorch, collapsed model (float32)"
 
 
@@ -98,5 +105,8 @@ def pytorch_references(weights: RunWeights, inputs: dict[str, np.ndarray]) -> Re
     return References(
         trained=torch_probabilities(model, local),
         collapsed=torch_probabilities(collapsed, local),
-        dequantized=torch_probabilities(dequantized_copy(collapsed), local),
+        dequantized={
+            variant: torch_probabilities(dequantized_copy(collapsed, variant), local)
+            for variant in BITS
+        },
     )

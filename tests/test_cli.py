@@ -43,5 +43,6 @@ def test_demo_end_to_end_small(tmp_path):
     assert "mlet-d4-k64 against full-d16:\n- embedding bytes 4.00x smaller" in text
     assert "| full-d4 | full | 4 | - |" in text and "mlet-d4-k64 against full-d4:" in text
     assert "| mlet-d4-k64-int8 | int8 |" in text and "| mlet-d4-k64-fp16 | fp16 |" in text
+    assert "| mlet-d4-k64-int4 | int4 |" in text
     # a second run reuses every artifact and writes the same table
     assert run_demo(config) == report

@@ -1,4 +1,5 @@
-"""Row-wise int8 and float16 tables: exact codes, error bounds, refusals."""
+"""Row-wise quantized (8-bit asymmetric and symmetric, 4-bit) and float16 tables: exact codes,
+error bounds, refusals."""
 
 import numpy as np
 import pytest
@@ -66,3 +67,60 @@ def test_non_finite_rows_and_float16_overflow_are_refused():
     with pytest.raises(ValueError, match="beyond float16"):
         to_float16(np.array([[1.0, 7e4]], dtype=np.float32), "table C1")
     np.testing.assert_array_equal(to_float16(np.array([[0.5, -2.0]]), "t"), [[0.5, -2.0]])
+
+
+def test_int8_is_symmetric_with_one_scale_a_row():
+    from export.quantize import SYMMETRIC_MAX, quantize_rows_symmetric
+
+    rows = np.array([[0.0, 0.5, -1.0, 0.25], [0.0, 0.0, 0.0, 0.0], [3.0, 1.5, 0.0, -3.0]],
+                    dtype=np.float32)  # fmt: skip
+    codes, scale = quantize_rows_symmetric(rows)
+    assert codes.dtype == np.int8 and scale.dtype == np.float16 and scale.shape == (3, 1)
+    assert codes[0, 2] == -SYMMETRIC_MAX and codes[2, 0] == SYMMETRIC_MAX
+    assert codes[1].tolist() == [0, 0, 0, 0] and codes[2, 2] == 0  # zeros come back exactly
+    restored = dequantize_rows(codes, scale)
+    np.testing.assert_array_equal(restored[1], rows[1])
+    assert (np.abs(restored - rows) <= scale.astype(np.float32) / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("magnitude", [1e-5, 0.05, 1.0, 300.0])
+def test_int8_error_stays_within_half_a_step(magnitude):
+    from export.quantize import SYMMETRIC_MAX, quantize_rows_symmetric
+
+    rng = np.random.default_rng(5)
+    rows = (rng.standard_normal((2000, 16)) * magnitude).astype(np.float32)
+    codes, scale = quantize_rows_symmetric(rows)
+    step = scale.astype(np.float32)
+    assert (np.abs(dequantize_rows(codes, scale) - rows) <= step / 2 + 1e-9).all()
+    largest = np.abs(rows).max(axis=1, keepdims=True)
+    assert (step <= largest / SYMMETRIC_MAX * (1 + 2**-9) + 1e-7).all()
+
+
+def test_int8_refuses_what_float16_scales_cannot_hold():
+    from export.quantize import quantize_rows_symmetric
+
+    with pytest.raises(ValueError, match="table C2: .*float16"):
+        quantize_rows_symmetric(np.array([[1.0, 1e7]], dtype=np.float32), "table C2")
+
+
+@pytest.mark.parametrize("variant,row_bytes", [("int8", 16 + 2), ("int4", 8 + 4)])
+def test_every_variant_stays_within_what_its_rows_cost(variant, row_bytes):
+    from export.graph import table_row_bytes
+    from export.quantize import encode_rows, round_trip
+
+    rows = np.random.default_rng(6).standard_normal((100, 16)).astype(np.float32)
+    stored = encode_rows(variant, rows)
+    assert sum(a.nbytes for a in stored if a is not None) == 100 * row_bytes
+    assert table_row_bytes(variant, 16) == row_bytes < table_row_bytes("fp16", 16)
+    levels = 127 if variant == "int8" else 7.5  # codes either side of the row's middle
+    error = np.abs(round_trip(variant, rows) - rows).max(axis=1)
+    assert (error <= np.abs(rows).max(axis=1) / levels).all()
+
+
+def test_int4_refuses_what_float16_scales_and_offsets_cannot_hold():
+    from export.quantize import encode_rows
+
+    with pytest.raises(ValueError, match="table C3: .*beyond float16"):
+        encode_rows("int4", np.array([[-7e4, 0.0, 1.0]], dtype=np.float32), "table C3")
+    with pytest.raises(ValueError, match="table C3: a row spans more than float16"):
+        encode_rows("int4", np.array([[-6e4, 0.0, 1e12]], dtype=np.float32), "table C3")

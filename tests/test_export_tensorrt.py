@@ -59,8 +59,10 @@ def test_int8_graph_fails_on_its_8_bit_gathers(tmp_path):
     path = tmp_path / "m.onnx"
     lower_to_onnx(model, spec_for(model.config), path, "int8")
     problems = check_tensorrt_file(path, max_batch_size=4096)
-    assert len(problems) == 3  # one Gather of uint8 codes per table
-    assert all("(Gather): input type UINT8 is not supported" in p for p in problems)
+    # per table, the Gather of its int8 codes and the Cast that reads them
+    assert len(problems) == 6
+    assert sum("(Gather): input type INT8 is not supported" in p for p in problems) == 3
+    assert sum("(Cast): input type INT8 is not supported" in p for p in problems) == 3
 
 
 def test_unsupported_and_custom_ops_are_reported():

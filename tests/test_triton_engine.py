@@ -26,8 +26,8 @@ from tests.helpers import tritonclient_inputs
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no Triton here: {REASON}")
-VARIANTS = ("fp32", "fp16", "int8")
-MODELS = ("tiny", "tiny-fp16", "tiny-int8")
+VARIANTS = ("fp32", "fp16", "int8", "int4")
+MODELS = ("tiny", "tiny-fp16", "tiny-int8", "tiny-int4")
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -307,19 +307,46 @@ def export_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def with_float32_mlp_weights(model):
+    """The graph with its float16-stored MLP weights (int8, int4) cast up in the file, as
+    ONNX Runtime folds them on load, so that each MLP MatMul reads an initializer again."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    stored = {t.name: t for t in graph.initializer if t.name.startswith(("bottom.", "top."))}
+    renamed, kept = {}, []
+    for node in graph.node:
+        if node.op_type == "Cast" and node.input[0] in stored:
+            tensor = stored[node.input[0]]
+            wide = numpy_helper.to_array(tensor).astype(np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(wide, tensor.name))
+            renamed[node.output[0]] = tensor.name
+        else:
+            kept.append(node)
+    for node in kept:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
+
+
 def quantize_mlps(model_path: Path, out_path: Path) -> list[str]:
     """Dynamic int8 quantization of the MLP MatMuls only (not the interaction's)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    graph = onnx.load(str(model_path)).graph
+    model = with_float32_mlp_weights(onnx.load(str(model_path)))
+    wide_path = out_path.with_name("float32-mlps.onnx")
+    onnx.save(model, str(wide_path))
+    graph = model.graph
     nodes = [
         n.name
         for n in graph.node
         if n.op_type == "MatMul" and n.input[1].startswith(("bottom.", "top."))
     ]
     quantize_dynamic(
-        str(model_path),
+        str(wide_path),
         str(out_path),
         op_types_to_quantize=["MatMul"],
         nodes_to_quantize=nodes,
