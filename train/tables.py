@@ -13,7 +13,13 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    KeyedJaggedTensor,
+    KeyedTensor,
+    PoolingType,
+)
 
 from mlet.embeddings import PROJECTION_STD, TableConfig, init_bound
 
@@ -64,6 +70,19 @@ def bag_config(table: TableConfig, normal_std: float | None) -> EmbeddingBagConf
     )
 
 
+def in_table_order(pooled: KeyedTensor, names: list[str]) -> torch.Tensor:
+    """The pooled vectors [B, T, W] with table t at position t.
+
+    Sharded over several processes, the collection answers in its shards' order (for
+    example C3, C4, C5, C1, C2), not in the order of its tables; each table's vector must
+    meet its own projection and its own place in the interaction, as export rebuilds them.
+    """
+    if pooled.keys() == names:
+        return pooled.values().view(-1, len(names), pooled.length_per_key()[0])
+    per_key = pooled.to_dict()
+    return torch.stack([per_key[name] for name in names], dim=1)
+
+
 class TorchRecTables(nn.Module):
     """ids [B, T] or [B, T, H] -> [B, T, D] through an EmbeddingBagCollection.
 
@@ -100,7 +119,7 @@ class TorchRecTables(nn.Module):
             values=per_table.reshape(-1),
             lengths=torch.full((count * batch,), hotness, dtype=torch.int32, device=ids.device),
         )
-        pooled = self.bags(features).values().view(batch, count, self.stored)
+        pooled = in_table_order(self.bags(features), self.names)  # [B, T, stored]
         if self.stored != self.width:
             pooled = pooled[..., : self.width]  # [B, T, K or D]
         if not self.multi_layer:
