@@ -166,7 +166,7 @@ def reference_context(
     held = held_out(run, spec, max(config.accuracy_rows, config.parity_rows))
     parity_inputs = held.head(config.parity_rows)
     log(f"PyTorch reference on {len(parity_inputs[spec.sparse_input.name])} rows")
-    references = pytorch_references(weights, parity_inputs)
+    references = pytorch_references(weights, parity_inputs, config.variants)
     collapse_diff = max_abs_diff(references.trained, references.collapsed)
     if collapse_diff > spec.tolerance:
         raise ExportError(

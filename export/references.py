@@ -98,7 +98,11 @@ class References:
         return self.collapsed, "PyTorch, collapsed model (float32)"
 
 
-def pytorch_references(weights: RunWeights, inputs: dict[str, np.ndarray]) -> References:
+def pytorch_references(
+    weights: RunWeights, inputs: dict[str, np.ndarray], variants=tuple(BITS)
+) -> References:
+    """The trained and collapsed model's answers, and each quantized variant's among
+    `variants` (the others are not computed)."""
     model, remapped = weights.reference_model(inputs["sparse"])
     local = {**inputs, "sparse": remapped}
     collapsed = model.collapsed()
@@ -108,5 +112,6 @@ def pytorch_references(weights: RunWeights, inputs: dict[str, np.ndarray]) -> Re
         dequantized={
             variant: torch_probabilities(dequantized_copy(collapsed, variant), local)
             for variant in BITS
+            if variant in variants
         },
     )

@@ -182,30 +182,21 @@ def test_validation_inside_epochs_and_early_stopping(tiny_data):
     assert by_auc.metrics["best_step"] == best["step"]
 
 
-def _plain_copy(sharded, model_config):
-    """A plain DLRM holding the sharded model's current weights, under DLRM's names."""
-    from mlet.dlrm import DLRM
-    from train.saving import BAGS_PREFIX, PROJECTION, local_rows
+def _plain_copy(sharded, model_config, path):
+    """A plain DLRM holding the sharded model's current weights, through the trainer's save."""
+    from safetensors.torch import load_file
 
+    from mlet.dlrm import DLRM
+    from train.saving import write_weights
+
+    write_weights(sharded, model_config, path, rank=0)
     plain = DLRM(model_config)
-    state = plain.state_dict()
-    names = [t.name for t in model_config.tables]
-    for key, value in sharded.state_dict().items():
-        if key.startswith(BAGS_PREFIX):
-            index = names.index(key[len(BAGS_PREFIX) :].split(".")[0])
-            rows = local_rows(value, 0, value.size(0), value.size(1))
-            state[f"embeddings.tables.{index}.table.weight"] = torch.from_numpy(rows.copy())
-        elif key == PROJECTION:
-            for i in range(len(names)):
-                state[f"embeddings.tables.{i}.projection.weight"] = value[i].detach().clone()
-        elif torch.is_tensor(value):
-            state[key] = value.detach().clone()
-    plain.load_state_dict(state)
+    plain.load_state_dict(load_file(path))
     return plain
 
 
 @pytest.mark.parametrize("embedding,hidden", [("full", None), ("mlet", 8)])
-def test_fused_adagrad_takes_torchs_adagrad_steps(embedding, hidden):
+def test_fused_adagrad_takes_torchs_adagrad_steps(embedding, hidden, tmp_path):
     """FBGEMM's table update is torch.optim.Adagrad's, epsilon included: tiny gradients
     (a batch-mean loss gives a table row little) are where a larger epsilon slows tables."""
     from mlet.dlrm import build_config
@@ -222,7 +213,7 @@ def test_fused_adagrad_takes_torchs_adagrad_steps(embedding, hidden):
                          device="cpu")  # fmt: skip
     model = build_model(model_config, config)
     sharded, optimizer, _ = shard_model(model, model.embeddings, config, start_processes("cpu"))
-    plain = _plain_copy(sharded, model_config)
+    plain = _plain_copy(sharded, model_config, tmp_path / "before.safetensors")
     reference = torch.optim.Adagrad(plain.parameters(), lr=config.lr)
     loss = torch.nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(1)
@@ -234,6 +225,6 @@ def test_fused_adagrad_takes_torchs_adagrad_steps(embedding, hidden):
             opt.zero_grad()
             loss(net(dense, sparse).squeeze(1), labels).backward()
             opt.step()
-    after = _plain_copy(sharded, model_config).state_dict()
+    after = _plain_copy(sharded, model_config, tmp_path / "after.safetensors").state_dict()
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(after[key], value, atol=1e-6, rtol=1e-5, msg=key)
