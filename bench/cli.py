@@ -78,6 +78,12 @@ def add_parser(stages) -> None:
     int8_mlp.add_argument("--out", required=True, help="results folder")
     int8_mlp.set_defaults(handler=cmd_bench_int8_mlp)
     add_bench_data(bench)
+    add_bench_scale(bench)
+    int4 = bench.add_parser("int4-gather", help="4-bit row gathers: ours vs GatherBlockQuantized")
+    int4.add_argument("--rows", type=int, default=10_131_227, help="rows of the table")
+    int4.add_argument("--dim", type=int, default=16, help="D (at least 16 for the contrib op)")
+    int4.add_argument("--out", required=True, help="results folder")
+    int4.set_defaults(handler=cmd_bench_int4_gather)
     add_engine_commands(bench, [load, run, serve_bench])
 
 
@@ -140,6 +146,33 @@ def add_bench_data(bench) -> None:
     command.add_argument("--work", help="where the generated files go (default: a temp dir)")
     command.add_argument("--out", required=True, help="results folder")
     command.set_defaults(handler=cmd_bench_data)
+
+
+def add_bench_scale(bench) -> None:
+    """`mlet bench scale`."""
+    from bench.load.scale import MODELS
+
+    command = bench.add_parser(
+        "scale", help="Criteo-Kaggle-size models, compressed against uncompressed, served"
+    )
+    command.add_argument("--out", help="results folder (default results/<UTC time>)")
+    command.add_argument("--work", help="where data, runs and the model repository go")
+    command.add_argument("--engines", type=name_list, default=["mlet", "triton"])
+    command.add_argument("--variants", type=name_list, default=list(MODELS),
+                         help=f"models among {','.join(MODELS)}")  # fmt: skip
+    command.add_argument("--ids", type=name_list, help="uniform,zipf[,dataset] (default: "
+                         "uniform,zipf, and dataset with --ids-from)")  # fmt: skip
+    command.add_argument("--seconds", type=float, help="seconds per load (default 10)")
+    command.add_argument("--connections", type=int, help="wrk connections (default 16)")
+    command.add_argument("--zipf-from", help="a converted dataset to fit the Zipf exponent on")
+    command.add_argument("--zipf-exponent", type=float, help="the exponent itself instead")
+    command.add_argument("--ids-from", help="a converted dataset whose id frequencies to replay")
+    command.add_argument("--train-rows", type=int, help="generated rows the runs train on")
+    command.add_argument("--tritonserver", help=TRITONSERVER_HELP)
+    command.add_argument("--keep-runs", action="store_true", help="keep the checkpoints")
+    command.add_argument("--quick", action="store_true",
+                         help="tables 100x smaller, short loads (for tests)")  # fmt: skip
+    command.set_defaults(handler=cmd_bench_scale)
 
 
 def add_bench_fuzz(bench) -> None:
@@ -301,6 +334,42 @@ def cmd_bench_engines(args: argparse.Namespace) -> None:
     )  # fmt: skip
     run_engines(args.repo, args.model, config, args.out)
     print((Path(args.out) / "engines.md").read_text())
+
+
+def cmd_bench_scale(args: argparse.Namespace) -> None:
+    from bench.load.scale import ScaleConfig, quick_config, run_scale
+    from bench.report.compare import default_results_folder
+
+    options = {
+        "engines": tuple(args.engines),
+        "variants": tuple(args.variants),
+        "ids": tuple(args.ids or ["uniform", "zipf", *(["dataset"] if args.ids_from else [])]),
+        "seconds": args.seconds,
+        "connections": args.connections,
+        "zipf_from": Path(args.zipf_from) if args.zipf_from else None,
+        "zipf_exponent": args.zipf_exponent,
+        "ids_from": Path(args.ids_from) if args.ids_from else None,
+        "train_rows": args.train_rows,
+        "tritonserver": args.tritonserver,
+        "keep_runs": args.keep_runs,
+        "work": Path(args.work) if args.work else None,
+    }
+    options = {key: value for key, value in options.items() if value is not None}
+    config = quick_config(**options) if args.quick else ScaleConfig(**options)
+    out = Path(args.out) if args.out else default_results_folder()
+    run_scale(config, out)
+    print((out / "scale.md").read_text())
+    print(f"wrote {out / 'scale.json'} and {out / 'scale.html'}")
+
+
+def cmd_bench_int4_gather(args: argparse.Namespace) -> None:
+    from bench.inprocess.int4_gather import Int4GatherConfig, run_int4_gather_bench
+
+    report = run_int4_gather_bench(Int4GatherConfig(rows=args.rows, dim=args.dim), Path(args.out))
+    for name, ms in report["median_ms_per_call"].items():
+        print(f"{name}: {ms:.3f} ms per gather of {report['config']['batch']} rows")
+    print(f"GatherBlockQuantized / ours: {report['contrib_over_ours']:.2f}x "
+          f"(max difference {report['max_abs_diff']:.2e})")  # fmt: skip
 
 
 def cmd_bench_data(args: argparse.Namespace) -> None:

@@ -54,9 +54,10 @@ done = function(summary, latency, _)
   local e = summary.errors
   io.write(string.format(
     '{"requests": %d, "duration_us": %d, "errors": %d, "p50_us": %d, "p99_us": %d, '
-    .. '"mean_us": %.1f, "max_us": %d}\\n',
+    .. '"p999_us": %d, "mean_us": %.1f, "max_us": %d}\\n',
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.mean, latency.max))
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.mean,
+    latency.max))
 end
 """
 
@@ -103,6 +104,7 @@ def run_wrk(url: str, path: str, bodies: list, connections: int, duration: float
         "requests_per_s": figures["requests"] / seconds,
         "p50_ms": figures["p50_us"] / 1000,
         "p99_ms": figures["p99_us"] / 1000,
+        "p999_ms": figures["p999_us"] / 1000,
         "mean_ms": figures["mean_us"] / 1000,
         "max_ms": figures["max_us"] / 1000,
     }

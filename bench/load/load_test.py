@@ -173,16 +173,22 @@ def warm_up(url: str, model: str, spec: ExportSpec, config: LoadConfig) -> None:
     # another seed than the locustfile's, so that no timed request repeats a warm-up one
     factory = RequestFactory(spec, config.zipf_exponent, seed=1)
     for _ in range(WARM_UP_REQUESTS):
-        body, headers = factory.body(config.rows, config.binary)
-        request = urllib.request.Request(
-            f"{url}/v2/models/{model}/infer", data=body, headers=headers, method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=WARM_UP_TIMEOUT_S) as response:
-                response.read()
-        except urllib.error.HTTPError as e:
-            reply = e.read()[:300].decode(errors="replace")
-            raise RuntimeError(f"warm-up request to {model} failed: HTTP {e.code}: {reply}") from e
+        post_infer(url, model, *factory.body(config.rows, config.binary), what="warm-up")
+
+
+def post_infer(
+    url: str, model: str, body: bytes, headers: dict, timeout=WARM_UP_TIMEOUT_S, what="infer"
+) -> bytes:
+    """One infer request; an error reply raises with the server's words."""
+    request = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer", data=body, headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        reply = e.read()[:300].decode(errors="replace")
+        raise RuntimeError(f"{what} request to {model} failed: HTTP {e.code}: {reply}") from e
 
 
 def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:

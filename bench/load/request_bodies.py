@@ -12,12 +12,18 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 class RequestFactory:
-    """Draws inference inputs whose ids follow a Zipf law per table, like production traffic."""
+    """Draws inference inputs whose ids follow a Zipf law per table, like production traffic,
+    or whatever samplers it is given."""
 
-    def __init__(self, spec: ExportSpec, zipf_exponent: float = 1.05, seed: int = 0) -> None:
+    def __init__(
+        self, spec: ExportSpec, zipf_exponent: float = 1.05, seed: int = 0, samplers=None
+    ) -> None:
+        """`samplers`: one per table (anything with `sample(size, rng)`) in place of Zipf's."""
         self.spec = spec
         self.rng = np.random.default_rng(seed)
-        self.samplers = [ZipfSampler(n, zipf_exponent, self.rng) for n in spec.table_rows]
+        if samplers is None:
+            samplers = [ZipfSampler(n, zipf_exponent, self.rng) for n in spec.table_rows]
+        self.samplers = samplers
 
     def inputs(self, rows: int) -> dict[str, np.ndarray]:
         sparse_spec = self.spec.sparse_input
