@@ -40,6 +40,7 @@ from export.checks import (
 )
 from export.graph import EXTERNAL_DATA_BYTES, LoweredModel, LoweringOptions, lower_variants
 from export.install import ExportResult, file_entries, install_all
+from export.raw_model import write_raw_models
 from export.references import held_out, max_abs_diff, pytorch_references
 from export.sources import RunWeights
 from export.triton_config import render_config
@@ -126,7 +127,12 @@ def export_variants(
         refuse_failures(staged.values())
         seconds = time.perf_counter() - started
         models = [finish_model(staged[v.name], run, seconds) for v in wanted]
-        return ExportReport(install_all(models, config.replace), skipped)
+        results = install_all(models, config.replace)
+        for result in results:
+            raw = write_raw_models(result.path, result.manifest.spec)
+            if raw:
+                log(f"{result.name}: raw-row model {raw[1].name} (transform {raw[0].name})")
+        return ExportReport(results, skipped)
     finally:
         weights.close()
         for stage in staged.values():

@@ -24,10 +24,11 @@ TRITON_TYPES = {
     "FP16": "TYPE_FP16",
     "INT64": "TYPE_INT64",
     "INT32": "TYPE_INT32",
+    "BYTES": "TYPE_STRING",  # the raw-row models' categorical columns
 }
 
 
-def _tensor(spec: TensorSpec) -> str:
+def tensor_entry(spec: TensorSpec) -> str:
     dims = ", ".join(str(d) for d in spec.shape)
     return (
         f'  {{\n    name: "{spec.name}"\n'
@@ -69,8 +70,8 @@ def render_config(
     if platform not in PLATFORMS:
         raise ValueError(f"platform must be one of {list(PLATFORMS)}, got {platform!r}")
     kind = kind or PLATFORMS[platform]
-    inputs = ",\n".join(_tensor(t) for t in spec.inputs)
-    outputs = ",\n".join(_tensor(t) for t in spec.outputs)
+    inputs = ",\n".join(tensor_entry(t) for t in spec.inputs)
+    outputs = ",\n".join(tensor_entry(t) for t in spec.outputs)
     preferred = ", ".join(str(b) for b in spec.preferred_batch_sizes)
     text = (
         f'name: "{name}"\n'

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import tempfile
 import time
 import urllib.error
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 
 from mlet.encoding import value_counts
 from mlet.formats import check_columns, file_columns, first_line, is_parquet, read_batches
+from mlet.raw_rows import RAW_SUFFIX, batch_columns
 from mlet.repository import OpenedModel, open_model
 from mlet.runtime import SessionOptions, onnxruntime_session
 from mlet.transform import TRANSFORM_FILE, Transform, load_transform
@@ -43,6 +45,7 @@ class PredictConfig:
     request_rows: int = 1024
     threads: int = 0
     timeout_s: float = 60.0
+    raw: bool = False  # send the logged columns to the server's NAME-raw model instead
 
 
 @dataclass
@@ -84,18 +87,51 @@ def http_scorer(url: str, model: OpenedModel, timeout_s: float) -> Scorer:
                 for t in spec.inputs
             ]
         }  # fmt: skip
-        request = urllib.request.Request(
-            endpoint, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                answer = orjson.loads(response.read())
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"{endpoint}: HTTP {e.code}: {e.read().decode()[:500]}") from e
-        except urllib.error.URLError as e:
-            raise RuntimeError(f"{endpoint}: {e.reason}") from e
-        output = answer["outputs"][0]
-        return np.asarray(output["data"], np.float32).reshape(output["shape"])
+        headers = {"Content-Type": "application/json"}
+        return post_json_answer(endpoint, orjson.dumps(body), headers, timeout_s)
+
+    return score
+
+
+def post_json_answer(endpoint: str, body: bytes, headers: dict, timeout_s: float) -> np.ndarray:
+    """The first output of a KServe v2 infer call answered in JSON."""
+    request = urllib.request.Request(endpoint, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            answer = orjson.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{endpoint}: HTTP {e.code}: {e.read().decode()[:500]}") from e
+    except urllib.error.URLError as e:
+        raise RuntimeError(f"{endpoint}: {e.reason}") from e
+    output = answer["outputs"][0]
+    return np.asarray(output["data"], np.float32).reshape(output["shape"])
+
+
+def raw_request_body(columns: dict[str, np.ndarray]) -> tuple[bytes, dict]:
+    """Logged columns as binary tensors: BYTES elements each a 4-byte little-endian length
+    and the bytes, FP32 as they are; the probability comes back in JSON."""
+    tensors, blobs = [], []
+    for name, values in columns.items():
+        if values.dtype == object:
+            datatype = "BYTES"
+            blob = b"".join(struct.pack("<I", len(v)) + v for v in values.reshape(-1))
+        else:
+            datatype, blob = "FP32", np.ascontiguousarray(values, np.float32).tobytes()
+        tensors.append({"name": name, "datatype": datatype, "shape": list(values.shape),
+                        "parameters": {"binary_data_size": len(blob)}})  # fmt: skip
+        blobs.append(blob)
+    header = orjson.dumps({"inputs": tensors})
+    headers = {"Content-Type": "application/octet-stream",
+               "Inference-Header-Content-Length": str(len(header))}  # fmt: skip
+    return header + b"".join(blobs), headers
+
+
+def raw_http_scorer(url: str, model: OpenedModel, timeout_s: float):
+    """Scores logged columns with the server's NAME-raw model (its transform step encodes)."""
+    endpoint = f"{url.rstrip('/')}/v2/models/{model.name}{RAW_SUFFIX}/infer"
+
+    def score(columns: dict[str, np.ndarray]) -> np.ndarray:
+        return post_json_answer(endpoint, *raw_request_body(columns), timeout_s)
 
     return score
 
@@ -144,10 +180,13 @@ def predict_files(
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
         check_columns(path, transform.fmt, file_columns(path, transform.fmt))
+    if config.raw and not config.url:
+        raise ValueError("raw rows go to a server's NAME-raw model: give --url too")
     if config.url:
         score = http_scorer(config.url, opened, config.timeout_s)
     else:
         score = onnx_scorer(opened, config.threads)
+    score_raw = raw_http_scorer(config.url, opened, config.timeout_s) if config.raw else None
     fields = [("row", pa.int64())] + ([("label", pa.uint8())] if has_label else [])
     writer = OutputWriter(out, pa.schema([*fields, ("probability", pa.float32())]))
     vocab_tables = np.array([t.encoding == "vocab" for t in transform.tables], bool)
@@ -158,7 +197,10 @@ def predict_files(
             for batch in read_batches(path, transform.fmt):
                 features = transform.features(batch, str(path), line)
                 ids = transform.encode(features.keys)
-                probability = score_in_requests(score, features.dense, ids, config.request_rows)
+                if score_raw is None:
+                    probability = score_in_requests(score, features.dense, ids, config.request_rows)
+                else:
+                    probability = score_raw_in_requests(score_raw, transform.fmt, batch, config)
                 columns = {"row": np.arange(rows, rows + batch.num_rows)}
                 if has_label:
                     columns["label"] = features.labels
@@ -199,3 +241,14 @@ def score_in_requests(score: Scorer, dense: np.ndarray, ids: np.ndarray, rows: i
         for i in range(0, len(dense), rows)
     ]
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
+def score_raw_in_requests(score_raw, fmt, batch: pa.RecordBatch, config: PredictConfig):
+    """Probabilities [B] of a batch's logged columns, in requests of at most request_rows."""
+    parts = [
+        score_raw(batch_columns(fmt.without_label(), batch.slice(i, config.request_rows)))
+        for i in range(0, batch.num_rows, config.request_rows)
+    ]
+    return (
+        np.concatenate(parts).reshape(-1).astype(np.float32) if parts else np.zeros(0, np.float32)
+    )

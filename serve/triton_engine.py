@@ -150,6 +150,7 @@ def backend_plan(install: TritonInstall) -> dict[str, str]:
     plan = {name: f"Triton's native {name} backend" for name in native}
     if "onnxruntime" not in native:
         plan["onnxruntime"] = f"the project's Python-based onnxruntime backend ({install.source})"
+    plan["ensemble"] = "Triton's ensemble scheduler"  # in the core: raw-row models
     return plan
 
 
