@@ -14,15 +14,12 @@ from collections.abc import Awaitable, Callable
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from serve.dataplane import DataPlane
+from serve.dataplane import EXTENSIONS, SERVER_NAME, SERVER_VERSION, DataPlane
 from serve.http import Request, Response
 from serve.protocol import HEADER_LENGTH, InferenceError
 from serve.triton_json import served_model_config
 
 log = logging.getLogger("mlet.serve")
-SERVER_NAME = "mlet"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
 Route = Callable[..., Awaitable[Response]]
 

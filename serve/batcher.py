@@ -74,6 +74,7 @@ class BatchStats:
     """Counters that tests and /metrics read instead of timing anything."""
 
     requests: int = 0
+    answered: int = 0  # requests whose batch ran; the rest failed, were refused or still wait
     rows: int = 0
     executions: int = 0
     failed_requests: int = 0
@@ -327,6 +328,7 @@ class DynamicBatcher:
 
     def _record(self, batch: list[_Pending], rows: int, started: float, compute: float) -> None:
         self.stats.executions += 1
+        self.stats.answered += len(batch)
         self.stats.rows += rows
         self.stats.batch_rows[rows] += 1
         if self.observe is not None:

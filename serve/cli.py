@@ -1,4 +1,5 @@
-"""`mlet serve`: a model repository over KServe v2, on our server or real Triton.
+"""`mlet serve`: a model repository over KServe v2 (HTTP, and gRPC when asked), on our
+server or real Triton.
 
 Stage code is imported inside the handlers, so the parser stays cheap to build.
 """
@@ -12,17 +13,26 @@ from mlet.arguments import int_list, name_list, named_run
 
 
 def add_parser(stages) -> None:
-    serve = stages.add_parser("serve", help="serve a model repository (KServe v2 over HTTP)")
+    serve = stages.add_parser(
+        "serve", help="serve a model repository (KServe v2 over HTTP, and gRPC when asked)"
+    )
     serve.add_argument("--repo", help="model repository written by `mlet export`")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address of HTTP and gRPC")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
+    serve.add_argument(
+        "--grpc-port", type=int,
+        help="also serve KServe v2 gRPC (inference.GRPCInferenceService) here (default: off)",
+    )  # fmt: skip
     serve.add_argument("--models", type=name_list, help="load only these models at start")
     serve.add_argument(
         "--torch-run", type=named_run, action="append", default=[], metavar="NAME=RUN",
         help="also serve a training run with PyTorch (the uncollapsed model), as NAME",
     )  # fmt: skip
     http = serve.add_argument_group("connections")
-    http.add_argument("--max-body-bytes", type=int, default=64 << 20, help="413 above this")
+    http.add_argument(
+        "--max-body-bytes", type=int, default=64 << 20,
+        help="413 above this (gRPC: RESOURCE_EXHAUSTED above this many message bytes)",
+    )  # fmt: skip
     http.add_argument(
         "--max-connections", type=int,
         help="503 above this (default 1024, less where the descriptor limit is lower)",
@@ -114,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             repo=Path(args.repo) if args.repo else None,
             host=args.host,
             port=args.port,
+            grpc_port=args.grpc_port,
             models=args.models,
             plane=PlaneConfig(
                 session=session,
@@ -143,7 +154,8 @@ def serve_with_triton(args: argparse.Namespace, session) -> None:
         raise ValueError("batching options apply to --engine mlet; Triton batches as "
                          "each model's config.pbtxt says")  # fmt: skip
     config = TritonConfig(
-        repo=Path(args.repo), host=args.host, port=args.port, models=args.models,
+        repo=Path(args.repo), host=args.host, port=args.port, grpc_port=args.grpc_port,
+        models=args.models,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, session=session,
     )  # fmt: skip
     code = run_triton(config)

@@ -1,4 +1,5 @@
-"""What the server does, apart from HTTP: loads models, batches and runs requests, counts.
+"""What the server does, whatever the transport: loads models, batches and runs requests,
+counts.
 
 Each served model is a handle: its spec (the shape contract), a backend (the runtime), a
 dynamic batcher and the threads the batcher runs batches on. Loading builds a complete
@@ -13,10 +14,11 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -34,11 +36,14 @@ from serve.batcher import (
     RequestTimeoutError,
 )
 from serve.model_config import ServingDefaults, read_model_config, serving_defaults
-from serve.protocol import InferenceError, decode_request, encode_response
+from serve.protocol import InferenceError, InferRequest, decode_request, encode_response
 from serve.server_metrics import ServerMetrics
 from serve.validation import requested_outputs, validate_inputs
 
 log = logging.getLogger("mlet.serve")
+SERVER_NAME = "mlet"  # what server metadata says, over HTTP and gRPC alike
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 RETRY_AFTER = {"Retry-After": "1"}
 MODEL_CONTROL_MODES = ("none", "explicit")  # as Triton's --model-control-mode
 # A JSON request spends at most this many bytes per value it carries (a float64's longest
@@ -48,6 +53,9 @@ JSON_BYTES_PER_VALUE = 48
 HEADER_SLACK_BYTES = 64 << 10  # names, datatypes, shapes and parameters
 DECODE_INLINE_BYTES = 64 << 10  # larger bodies are decoded off the event loop
 DECODE_THREADS = 2
+# A decoded request: the request, its validated input arrays and the outputs it asks for.
+Decoded = tuple[InferRequest, dict[str, np.ndarray], list[str]]
+Answer = TypeVar("Answer")  # what a transport's encoder makes of the outputs
 
 
 @dataclass(frozen=True)
@@ -326,28 +334,59 @@ class DataPlane:
         return limit, f"the bound for model '{name}' (max batch {spec.max_batch_size})"
 
     async def _decode(self, handle: ModelHandle, body: bytes, header_length: int | None):
-        """Parse and validate a request; one with a large JSON part on a decode thread.
+        """Parse and validate an HTTP body; one with a large JSON part on a decode thread.
 
         Binary tensors are read in place (np.frombuffer), so only the JSON part counts: a
         thread hand-off would cost more than reading a binary request of any size."""
         json_bytes = len(body) if header_length is None else min(header_length, len(body))
-        if json_bytes <= DECODE_INLINE_BYTES:
-            return decode_and_validate(handle.spec, body, header_length)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._decoder, decode_and_validate, handle.spec, body, header_length
+        return await self.decode_off_loop(
+            json_bytes, decode_and_validate, handle.spec, body, header_length
         )
+
+    async def decode_off_loop(self, parsed_bytes: int, decode: Callable[..., Decoded], *args):
+        """`decode(*args)` here when it parses little, else on a decode thread, so that the
+        event loop keeps answering other requests while a large one is parsed."""
+        if parsed_bytes <= DECODE_INLINE_BYTES:
+            return decode(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decoder, decode, *args)
 
     async def infer(
         self, name: str, version: str | None, body: bytes, header_length: int | None
     ) -> tuple[bytes, dict[str, str]]:
+        """An HTTP body (JSON or the binary extension) in; the response body and headers out."""
+        return await self.infer_with(
+            name,
+            version,
+            lambda handle: self._decode(handle, body, header_length),
+            encode_response,
+        )
+
+    async def infer_with(
+        self,
+        name: str,
+        version: str | None,
+        decode: Callable[[ModelHandle], Awaitable[Decoded]],
+        encode: Callable[..., Answer],
+        deadline_s: float | None = None,
+    ) -> Answer:
+        """One inference request of any transport, counted, batched and refused alike.
+
+        `decode(handle)` gives the validated request (see `validated`); `encode(model,
+        version, request, outputs, parameters)` writes the transport's answer, outputs as
+        {name: (datatype, array)}. `deadline_s` is the transport's own time limit (a gRPC
+        deadline): the request waits in the queue no longer than it. Every refusal is an
+        InferenceError whose `__cause__` says why, where the batcher refused it.
+        """
         started = time.perf_counter()
         handle = self.model(name, version)
         try:
-            request, inputs, outputs = await self._decode(handle, body, header_length)
-            del body  # the arrays hold what is needed; let the bytes go
+            request, inputs, outputs = await decode(handle)
             rows = len(next(iter(inputs.values())))
-            results, timing = await handle.batcher.submit(inputs, rows, request_timeout(request))
+            timeout = queue_timeout(
+                request_timeout(request), handle.batcher.config.timeout_s, deadline_s
+            )
+            results, timing = await handle.batcher.submit(inputs, rows, timeout)
             check_finite_outputs(name, results, outputs)
         except InferenceError:
             self.metrics.requests.labels(name, "client_error").inc()
@@ -372,7 +411,7 @@ class DataPlane:
                 "compute_us": round(timing.compute_s * 1e6),
                 "batch_rows": timing.batch_rows,
             }
-        response = encode_response(handle.name, handle.version, request, chosen, parameters)
+        response = encode(handle.name, handle.version, request, chosen, parameters)
         handle.record_answer(rows, time.perf_counter() - started)
         return response
 
@@ -383,10 +422,15 @@ class DataPlane:
         self._decoder.shutdown(wait=False)
 
 
-def decode_and_validate(spec: ExportSpec, body: bytes, header_length: int | None):
-    """The request, its validated input arrays and the outputs it asks for."""
-    request = decode_request(body, header_length)
+def validated(spec: ExportSpec, request: InferRequest) -> Decoded:
+    """The request, its validated input arrays and the outputs it asks for: every
+    transport's requests pass here, so HTTP and gRPC refuse the same inputs alike."""
     return request, validate_inputs(spec, request), requested_outputs(spec, request)
+
+
+def decode_and_validate(spec: ExportSpec, body: bytes, header_length: int | None) -> Decoded:
+    """An HTTP body, decoded and validated."""
+    return validated(spec, decode_request(body, header_length))
 
 
 class NonFiniteOutputError(Exception):
@@ -402,6 +446,15 @@ def check_finite_outputs(name: str, results: dict, outputs: list[str]) -> None:
             raise NonFiniteOutputError(
                 f"output '{output}' of row {row} is not finite (are its weights?)"
             )
+
+
+def queue_timeout(own: float | None, server: float | None, deadline: float | None) -> float | None:
+    """How long a request may wait for its batch: its own timeout, else the server's, and
+    never past the caller's deadline. None leaves the batcher's default in place."""
+    if deadline is None:
+        return own
+    limit = server if own is None else own
+    return deadline if limit is None else min(limit, deadline)
 
 
 def request_timeout(request) -> float | None:

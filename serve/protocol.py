@@ -94,7 +94,8 @@ def _json_array(values, datatype: str, shape: tuple[int, ...], where: str) -> np
     return array.astype(DATATYPES[datatype], copy=False).reshape(shape)
 
 
-def _binary_array(raw: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+def binary_array(raw: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Raw little-endian bytes (a binary tensor, or a gRPC raw input) read in place."""
     itemsize = np.dtype(DATATYPES[datatype]).itemsize
     if len(raw) != math.prod(shape) * itemsize:
         raise InferenceError(
@@ -140,7 +141,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
                 or offset + size > len(binary)
             ):
                 raise InferenceError(f"{where}: binary_data_size {size!r} exceeds the body")
-            data = _binary_array(binary[offset : offset + size], datatype, shape, where)
+            data = binary_array(binary[offset : offset + size], datatype, shape, where)
             offset += size
         elif "data" in tensor:
             data = _json_array(tensor["data"], datatype, shape, where)

@@ -64,6 +64,7 @@ class TritonConfig:
     repo: Path = Path("models")
     host: str = "127.0.0.1"  # loopback unless the operator says otherwise
     port: int = 8000
+    grpc_port: int | None = None  # None: Triton's gRPC endpoint stays off
     models: list[str] | None = None  # None: every model of the repository
     tritonserver: Path | None = None
     session: SessionOptions = field(default_factory=SessionOptions)  # Python-based backend
@@ -235,7 +236,7 @@ def triton_command(
         *(f"--load-model={name}" for name in load),
         f"--http-address={config.host}",
         f"--http-port={config.port}",
-        "--allow-grpc=false",
+        *grpc_options(config),
         "--allow-metrics=false",
         f"--exit-timeout-secs={config.exit_timeout_s}",
         f"--log-verbose={config.log_verbose}",
@@ -243,6 +244,13 @@ def triton_command(
         f"--backend-config=python,shm-region-prefix-name=mlet{os.getpid()}p{config.port}_",
     ]
     return command
+
+
+def grpc_options(config: TritonConfig) -> list[str]:
+    """Triton's gRPC endpoint on the HTTP host when a port is given; off otherwise, as ours."""
+    if config.grpc_port is None:
+        return ["--allow-grpc=false"]
+    return ["--allow-grpc=true", f"--grpc-address={config.host}", f"--grpc-port={config.grpc_port}"]
 
 
 def terminate_with_parent() -> None:
@@ -261,6 +269,7 @@ class TritonServer:
     skipped: dict[str, str]
     backends: dict[str, str]
     log_path: Path | None
+    grpc_address: str | None = None  # host:port, when its gRPC endpoint is on
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
@@ -302,9 +311,11 @@ def running_triton(config: TritonConfig, log_path: Path | None = None):
             stderr=subprocess.STDOUT,
             preexec_fn=terminate_with_parent,
         )
+        grpc_address = None if config.grpc_port is None else f"{config.host}:{config.grpc_port}"
         server = TritonServer(
-            f"http://{config.host}:{config.port}", process, load, skipped, plan, log_path
-        )
+            f"http://{config.host}:{config.port}", process, load, skipped, plan, log_path,
+            grpc_address,
+        )  # fmt: skip
         try:
             try:
                 wait_until_ready(server.url, process, config.ready_timeout_s, "tritonserver")
@@ -333,6 +344,8 @@ def run_triton(config: TritonConfig) -> int:
                 server.url,
                 server.process.pid,
             )
+            if server.grpc_address is not None:
+                log.info("Triton serving gRPC on %s", server.grpc_address)
             while not stop and server.process.poll() is None:
                 time.sleep(0.2)
             code = server.stop(config.exit_timeout_s + 30)

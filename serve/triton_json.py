@@ -96,9 +96,18 @@ def spec_config(name: str, spec, platform: str) -> model_config_pb2.ModelConfig:
     return config
 
 
-def served_model_config(handle) -> dict:
-    """`GET /v2/models/<m>/config` for a loaded model (serve.dataplane.ModelHandle)."""
+def served_config(handle) -> model_config_pb2.ModelConfig:
+    """A loaded model's ModelConfig (serve.dataplane.ModelHandle), completed as Triton serves
+    it: what gRPC's ModelConfig answers, and HTTP's config route prints as JSON."""
     folder = Path(handle.source).parent.parent  # <model>/<version>/<model file>
     if handle.platform in PLATFORM_DEFAULTS and (folder / "config.pbtxt").is_file():
-        return model_config_json(folder, handle.name)
-    return config_json(spec_config(handle.name, handle.spec, handle.platform))
+        config = read_model_config(folder)
+        config.name = config.name or handle.name
+    else:
+        config = spec_config(handle.name, handle.spec, handle.platform)
+    return completed_config(config)
+
+
+def served_model_config(handle) -> dict:
+    """`GET /v2/models/<m>/config` for a loaded model."""
+    return config_json(served_config(handle))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from export.exporter import ExportConfig, ExportResult, export_variants
@@ -38,3 +39,26 @@ def tritonclient_inputs(inputs: dict, binary: bool = True) -> list:
         tensor.set_data_from_numpy(inputs[name], binary_data=binary)
         request.append(tensor)
     return request
+
+
+def grpc_inputs(inputs: dict) -> list:
+    """tritonclient.grpc inputs (raw_input_contents, the client's only way to send tensors)."""
+    import tritonclient.grpc as grpcclient
+
+    request = []
+    for name, array in inputs.items():
+        datatype = {"float32": "FP32", "int64": "INT64", "int32": "INT32"}[str(array.dtype)]
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        request.append(tensor)
+    return request
+
+
+def wait_for(predicate, timeout=20.0) -> None:
+    """Poll `predicate` until true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")

@@ -7,7 +7,6 @@ import json
 import shutil
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ import pytest
 from bench.load.request_bodies import encode_inputs
 from mlet.spec import ExportSpec
 from serve.process import running_server
+from tests.helpers import wait_for
 
 
 def spec_of(repo, name) -> ExportSpec:
@@ -51,15 +51,6 @@ def stats(url, model) -> dict:
     status, _, body = request(f"{url}/v2/models/{model}/stats")
     assert status == 200
     return json.loads(body)["model_stats"][0]
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 def test_concurrent_requests_are_merged_into_one_execution(tiny_repo):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -22,7 +23,7 @@ from mlet.repository import open_model
 from mlet.spec import ExportSpec
 from serve.process import free_port, running_server, wait_until_ready
 from serve.triton_engine import TritonConfig, running_triton, unavailable_reason
-from tests.helpers import tritonclient_inputs
+from tests.helpers import grpc_inputs, tritonclient_inputs
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no Triton here: {REASON}")
@@ -49,7 +50,8 @@ def variants_repo(tiny_runs, tmp_path_factory):
 def triton(variants_repo, tmp_path_factory):
     before = tree_digest(variants_repo)
     log = tmp_path_factory.mktemp("triton-log") / "triton.log"
-    with running_triton(TritonConfig(repo=variants_repo, port=free_port()), log) as server:
+    config = TritonConfig(repo=variants_repo, port=free_port(), grpc_port=free_port())
+    with running_triton(config, log) as server:
         yield server
     assert tree_digest(variants_repo) == before, "Triton or the launcher changed the repository"
 
@@ -107,6 +109,30 @@ def test_model_config_is_the_same_from_both_engines(client, variants_repo):
             assert {**mine, "runtime": ""} == {**theirs, "runtime": ""}
     rows = theirs["parameters"][TABLE_ROWS_PARAMETER]["string_value"]
     assert [int(n) for n in rows.split(",")] == list(spec_of(variants_repo, model).table_rows)
+
+
+def test_tritonclient_grpc_infers_against_triton_as_against_ours(triton, variants_repo):
+    inputs = spec_of(variants_repo, "tiny").random_inputs(11, np.random.default_rng(8))
+    session = ort.InferenceSession(str(variants_repo / "tiny" / "1" / "model.onnx"))
+    expected = session.run(None, inputs)[0]
+    port = free_port()
+    with (
+        grpcclient.InferenceServerClient(triton.grpc_address) as theirs,
+        running_server(variants_repo, ["tiny"], "--grpc-port", str(port)),
+        grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as ours,
+    ):
+        for client in (theirs, ours):
+            assert client.is_server_ready() and client.is_model_ready("tiny")
+            got = client.infer("tiny", grpc_inputs(inputs)).as_numpy("probability")
+            assert got.shape == (11, 1) and got.dtype == np.float32
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        metadata = [c.get_model_metadata("tiny", as_json=True) for c in (theirs, ours)]
+        assert metadata[0]["inputs"] == metadata[1]["inputs"]
+        assert metadata[0]["outputs"] == metadata[1]["outputs"]
+        configs = [c.get_model_config("tiny").config for c in (theirs, ours)]
+        for config in configs:
+            config.runtime = ""  # the library each names as its runtime differs
+        assert configs[0] == configs[1]
 
 
 def triton_counts(client, model: str) -> tuple[int, int, dict[int, int]]:
@@ -203,13 +229,16 @@ def test_an_invalid_config_is_refused_by_export_and_by_triton(variants_repo, tmp
 
 
 def test_mlet_serve_engine_triton_stops_cleanly_on_sigterm(variants_repo, tmp_path):
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "cli", "serve", "--engine", "triton"]
     command += ["--repo", str(variants_repo), "--port", str(port), "--models", "tiny"]
+    command += ["--grpc-port", str(grpc_port)]  # passed through to tritonserver
     with open(tmp_path / "serve.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until_ready(f"http://127.0.0.1:{port}", process, 120)
+            with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+                assert client.is_server_live() and client.is_model_ready("tiny")
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=90) == 0
         finally:
@@ -217,3 +246,4 @@ def test_mlet_serve_engine_triton_stops_cleanly_on_sigterm(variants_repo, tmp_pa
                 process.kill()
     output = (tmp_path / "serve.log").read_text()
     assert "Triton serving tiny" in output and "tritonserver exited with code 0" in output
+    assert f"Triton serving gRPC on 127.0.0.1:{grpc_port}" in output
