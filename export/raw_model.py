@@ -19,7 +19,7 @@ from pathlib import Path
 
 from export.triton_config import check_triton_config, tensor_entry
 from mlet.files import staged_directory
-from mlet.raw_rows import RAW_SUFFIX, TRANSFORM_SUFFIX, raw_columns
+from mlet.raw_rows import RAW_SUFFIX, TRANSFORM_SUFFIX, RawColumn, raw_columns
 from mlet.repository import CONFIG_FILE, FIRST_VERSION
 from mlet.spec import ExportSpec, TensorSpec
 from mlet.transform import TRANSFORM_FILE, load_transform, transform_files
@@ -27,8 +27,7 @@ from mlet.transform import TRANSFORM_FILE, load_transform, transform_files
 TRANSFORM_MODEL = Path(__file__).resolve().parents[1] / "serve" / "triton_transform.py"
 
 
-def raw_inputs(folder: Path) -> str:
-    columns = raw_columns(load_transform(folder).fmt)
+def raw_inputs(columns: list[RawColumn]) -> str:
     return ",\n".join(tensor_entry(TensorSpec(c.name, c.datatype, (1,))) for c in columns)
 
 
@@ -36,11 +35,11 @@ def tensors(specs: tuple[TensorSpec, ...]) -> str:
     return ",\n".join(tensor_entry(t) for t in specs)
 
 
-def transform_config(name: str, model: Path, spec: ExportSpec) -> str:
+def transform_config(name: str, columns: list[RawColumn], spec: ExportSpec) -> str:
     """The transform step: raw columns in, the model's own inputs out."""
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {spec.max_batch_size}\n'
-        f"input [\n{raw_inputs(model)}\n]\noutput [\n{tensors(spec.inputs)}\n]\n"
+        f"input [\n{raw_inputs(columns)}\n]\noutput [\n{tensors(spec.inputs)}\n]\n"
         "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
     )
 
@@ -49,14 +48,13 @@ def mapping(kind: str, names: list[str]) -> str:
     return "".join(f'      {kind} {{ key: "{n}" value: "{n}" }}\n' for n in names)
 
 
-def ensemble_config(name: str, model_name: str, model: Path, spec: ExportSpec) -> str:
+def ensemble_config(name: str, model_name: str, columns: list[RawColumn], spec: ExportSpec) -> str:
     """Two steps: the transform, then the model; tensors keep their names throughout."""
-    columns = [c.name for c in raw_columns(load_transform(model).fmt)]
     inputs = [t.name for t in spec.inputs]
     outputs = [t.name for t in spec.outputs]
     steps = (
         f'    {{\n      model_name: "{model_name}{TRANSFORM_SUFFIX}"\n      model_version: -1\n'
-        + mapping("input_map", columns)
+        + mapping("input_map", [c.name for c in columns])
         + mapping("output_map", inputs)
         + f'    }},\n    {{\n      model_name: "{model_name}"\n      model_version: -1\n'
         + mapping("input_map", inputs)
@@ -65,7 +63,7 @@ def ensemble_config(name: str, model_name: str, model: Path, spec: ExportSpec) -
     )
     return (
         f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {spec.max_batch_size}\n'
-        f"input [\n{raw_inputs(model)}\n]\noutput [\n{tensors(spec.outputs)}\n]\n"
+        f"input [\n{raw_inputs(columns)}\n]\noutput [\n{tensors(spec.outputs)}\n]\n"
         f"ensemble_scheduling {{\n  step [\n{steps}\n  ]\n}}\n"
     )
 
@@ -84,9 +82,10 @@ def write_raw_models(model: Path, spec: ExportSpec) -> list[Path]:
         return []
     repo, name = model.parent, model.name
     transform_name, raw_name = f"{name}{TRANSFORM_SUFFIX}", f"{name}{RAW_SUFFIX}"
+    columns = raw_columns(load_transform(model).fmt)
     configs = {
-        transform_name: transform_config(transform_name, model, spec),
-        raw_name: ensemble_config(raw_name, name, model, spec),
+        transform_name: transform_config(transform_name, columns, spec),
+        raw_name: ensemble_config(raw_name, name, columns, spec),
     }
     for folder, text in configs.items():
         check_triton_config(text, folder)

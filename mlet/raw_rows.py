@@ -42,7 +42,7 @@ def raw_columns(fmt: SourceFormat) -> list[RawColumn]:
 
 def as_bytes(values: np.ndarray) -> list[bytes]:
     """A BYTES tensor's elements (bytes, or str from a JSON client) as bytes."""
-    return [v if isinstance(v, bytes) else str(v).encode() for v in values.reshape(-1)]
+    return [raw_value(v) for v in values.reshape(-1)]
 
 
 def raw_batch(fmt: SourceFormat, columns: dict[str, np.ndarray]) -> pa.RecordBatch:

@@ -34,7 +34,7 @@ from mlet.repository import open_model
 from mlet.runtime import onnxruntime_runner
 from mlet.spec import ExportSpec
 from serve.process import running_server
-from serve.protocol import HEADER_LENGTH
+from serve.protocol import HEADER_LENGTH, little_endian_bytes
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -73,7 +73,7 @@ def encode(spec: ExportSpec, inputs: dict, binary: bool, nested: bool, binary_ou
         array = np.ascontiguousarray(inputs[tensor.name], dtype=tensor.dtype)
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(array.shape)}
         if binary:
-            blob = array.astype(array.dtype.newbyteorder("<")).tobytes()
+            blob = little_endian_bytes(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

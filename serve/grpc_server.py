@@ -41,7 +41,13 @@ from serve.dataplane import (
     ModelHandle,
     validated,
 )
-from serve.protocol import InferenceError, InferRequest, RequestTensor, binary_array
+from serve.protocol import (
+    InferenceError,
+    InferRequest,
+    RequestTensor,
+    binary_array,
+    little_endian_bytes,
+)
 from serve.triton_json import served_config
 
 log = logging.getLogger("mlet.serve")
@@ -172,8 +178,7 @@ def infer_response(
     )
     for name, (datatype, array) in outputs.items():
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        response.raw_output_contents.append(little.tobytes())
+        response.raw_output_contents.append(little_endian_bytes(array))
     for key, value in (parameters or {}).items():  # timing: integers of microseconds, rows
         response.parameters[key].int64_param = value
     return response

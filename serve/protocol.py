@@ -171,6 +171,11 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     )
 
 
+def little_endian_bytes(array: np.ndarray) -> bytes:
+    """A tensor as the wire carries it: contiguous, little-endian (binary HTTP, gRPC raw)."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def encode_response(
     model_name: str,
     model_version: str,
@@ -184,7 +189,7 @@ def encode_response(
     for name, (datatype, array) in outputs.items():
         tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if all_binary or name in request.binary_outputs:
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            blob = little_endian_bytes(array)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

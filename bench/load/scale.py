@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from bench.environment import environment
 from bench.inprocess.export_bench import KAGGLE_TABLE_SIZES, measure_child
+from bench.inprocess.train_bench import mlet_command, synth
 from bench.load.engines import run_wrk, wrk_missing_reason
 from bench.load.ids import ID_KINDS, fit_zipf_on_dataset, id_samplers
 from bench.load.load_test import children_cpu_seconds, post_infer
@@ -189,10 +189,6 @@ def existing_parent(path: Path) -> Path:
 # -- building the models ----------------------------------------------------------------------
 
 
-def mlet_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli", *args]
-
-
 def model_is_built(folder: Path, table_sizes: tuple[int, ...]) -> bool:
     """A complete exported model of these tables (anything else is rebuilt)."""
     try:
@@ -203,28 +199,13 @@ def model_is_built(folder: Path, table_sizes: tuple[int, ...]) -> bool:
 
 
 def generated_data(config: ScaleConfig) -> Path:
+    """`mlet data synth` with the run's table sizes; a folder of other data is replaced."""
     folder = config.work / "data"
-    if folder.is_dir():
-        schema = read_json(folder / "schema.json") if (folder / "schema.json").is_file() else {}
-        rows_match = schema.get("rows") == config.train_rows
-        if tuple(schema.get("table_sizes", ())) == config.table_sizes and rows_match:
-            return folder
-    sizes = ",".join(str(n) for n in config.table_sizes)
-    command = mlet_command(
-        "data",
-        "synth",
-        "--out",
-        str(folder),
-        "--rows",
-        str(config.train_rows),
-        "--table-sizes",
-        sizes,
-        "--seed",
-        str(config.seed),
-        "--overwrite",
-    )
-    measure_child(command)
-    return folder
+    schema = read_json(folder / "schema.json") if (folder / "schema.json").is_file() else {}
+    same = schema.get("rows") == config.train_rows
+    if not same or tuple(schema.get("table_sizes", ())) != config.table_sizes:
+        shutil.rmtree(folder, ignore_errors=True)
+    return synth(folder, config.train_rows, config.table_sizes, config.seed)
 
 
 def train_command(data: Path, run: Path, name: str, config: ScaleConfig) -> list[str]:
@@ -303,7 +284,7 @@ def read_seconds(folder: Path, chunk: int = 8 << 20) -> float:
 def resident_bytes_of_files(tree: ProcessTree, folder: Path) -> int:
     """Resident bytes of the pages of `folder`'s files mapped by the server's processes,
     from /proc/PID/smaps (a file mapped by two processes counts in each)."""
-    inodes = {(p.stat().st_dev, p.stat().st_ino) for p in model_files(folder)}
+    inodes = {(stat.st_dev, stat.st_ino) for stat in map(os.stat, model_files(folder))}
     total = 0
     for process in tree.processes():
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
@@ -394,8 +375,8 @@ class Loads:
 def serve_and_load(engine: str, repo: Path, model: str, config: ScaleConfig, loads: Loads):
     """One engine serving one model: its rows of scale.json and the details beside them."""
     folder = repo / model
-    spec = open_model(folder).manifest.spec
-    disk = open_model(folder).manifest.model_bytes
+    manifest = open_model(folder).manifest
+    spec, disk = manifest.spec, manifest.model_bytes
     read_s = read_seconds(folder)
     drop_from_page_cache(folder)
     started = time.perf_counter()
@@ -497,16 +478,17 @@ def run_scale(config: ScaleConfig, out: str | Path) -> list[dict]:
             model_rows, details = serve_and_load(engine, repo, model, config, loads)
             rows += model_rows
             served.append(details)
+    manifests = {m: open_model(repo / m).manifest for m in config.variants}
     details = {
-        "config": {k: str(v) for k, v in asdict(config).items()},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "environment": environment({"scale": str(config)}),
         "needs": need,
         "zipf": {"exponent": exponent, **zipf},
         "ids": loads.notes,
         "builds": builds,
         "served": served,
-        "parity": {m: open_model(repo / m).manifest.parity for m in config.variants},
-        "accuracy": {m: open_model(repo / m).manifest.accuracy for m in config.variants},
+        "parity": {m: manifests[m].parity for m in config.variants},
+        "accuracy": {m: manifests[m].accuracy for m in config.variants},
         "seconds": time.perf_counter() - started,
     }
     write_scale_results(out, rows, details)

@@ -273,7 +273,7 @@ def html_table(header: list[str], rows: list[list[str]], table_id: str = "") -> 
 # -- plots ----------------------------------------------------------------------------------
 
 
-def _figure():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,7 +283,7 @@ def _figure():
 
 
 def plot_latency_throughput(results: Results) -> bytes:
-    plt = _figure()
+    plt = pyplot()
     kinds = list(results.sweep[0]["curves"])
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
@@ -301,11 +301,11 @@ def plot_latency_throughput(results: Results) -> bytes:
         ax.set_title(f"{kind} requests (labels: users)")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _png(fig, plt)
+    return png_bytes(fig, plt)
 
 
 def plot_memory(results: Results, figures: list[dict]) -> bytes:
-    plt = _figure()
+    plt = pyplot()
     names = [f["model"] for f in figures]
     series = {
         "embedding bytes (MiB)": [f["embedding_bytes"] / MIB for f in figures],
@@ -325,7 +325,7 @@ def plot_memory(results: Results, figures: list[dict]) -> bytes:
     ax.set_title("Bytes and memory per model")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    return _png(fig, plt)
+    return png_bytes(fig, plt)
 
 
 def plot_accuracy_bytes(results: Results, figures: list[dict]) -> bytes | None:
@@ -337,7 +337,7 @@ def plot_accuracy_bytes(results: Results, figures: list[dict]) -> bytes | None:
     points = [f for f in figures if f["test_auc"] is not None]
     if not points and not results.study:
         return None
-    plt = _figure()
+    plt = pyplot()
     panels = 1 + bool(results.study)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
     ax = axes[0][0]
@@ -359,13 +359,13 @@ def plot_accuracy_bytes(results: Results, figures: list[dict]) -> bytes | None:
         a.set_xlabel("inference embedding bytes (log)")
         a.set_ylabel("test AUC")
         a.grid(alpha=0.3)
-    return _png(fig, plt)
+    return png_bytes(fig, plt)
 
 
 def plot_micro(results: Results) -> bytes | None:
     if not results.micro:
         return None
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, m in enumerate(results.micro):
         batches = [t["batch"] for t in m["timings"]]
@@ -381,10 +381,10 @@ def plot_micro(results: Results) -> bytes | None:
     ax.set_title("In-process latency per batch")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _png(fig, plt)
+    return png_bytes(fig, plt)
 
 
-def _png(fig, plt) -> bytes:
+def png_bytes(fig, plt) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from bench.report.report import STYLE, _figure, _png, html_table
+from bench.report.report import STYLE, html_table, png_bytes, pyplot
 from mlet.markdown import markdown_table
 
 BASELINE, COMPRESSED = "full-d64", "mlet-d16-k64"
@@ -179,7 +179,7 @@ def cold_rows(details: dict) -> tuple[list[str], list[list[str]]]:
     body = []
     for served in details["served"]:
         loads = served["loads"]
-        seconds = float(details["config"]["seconds"])
+        seconds = details["config"]["seconds"]
         client = sum(x["client_cpu_s"] for x in loads) / (seconds * len(loads)) if loads else None
         body.append(
             [
@@ -194,16 +194,18 @@ def cold_rows(details: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def scale_plots(rows: list[dict]) -> dict[str, bytes]:
-    """Memory against Zipf p99 per variant, and throughput per variant per engine."""
-    plt = _figure()
-    engines = sorted({r["engine"] for r in rows})
-    counts = sorted({r["rows_per_request"] for r in rows})
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    ids = "zipf" if any(r["ids"] == "zipf" for r in rows) else rows[0]["ids"]
+def panels(counts: list[int]):
+    """pyplot and a figure with one panel per request size."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(counts), figsize=(6 * len(counts), 4.2), squeeze=False)
-    for ax, count in zip(axes[0], counts, strict=True):
-        for engine, marker in zip(engines, "os^", strict=False):
+    return plt, fig, axes[0]
+
+
+def plot_memory_p99(rows: list[dict], ids: str, counts: list[int]) -> bytes:
+    """Each variant's model files resident against its p99, per engine."""
+    plt, fig, axes = panels(counts)
+    for ax, count in zip(axes, counts, strict=True):
+        for engine, marker in zip(sorted({r["engine"] for r in rows}), "os^", strict=False):
             points = [
                 r
                 for r in rows
@@ -222,11 +224,16 @@ def scale_plots(rows: list[dict]) -> dict[str, bytes]:
             title=f"{ids} ids, {count}-row requests",
         )
         ax.legend()
-    memory = _png(fig, plt)
-    plt = _figure()
-    fig, axes = plt.subplots(1, len(counts), figsize=(6 * len(counts), 4.2), squeeze=False)
+    return png_bytes(fig, plt)
+
+
+def plot_throughput(rows: list[dict], ids: str, counts: list[int]) -> bytes:
+    """Requests/s (1 row) or rows/s per variant, one bar per engine."""
+    engines = sorted({r["engine"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    plt, fig, axes = panels(counts)
     width = 0.8 / len(engines)
-    for ax, count in zip(axes[0], counts, strict=True):
+    for ax, count in zip(axes, counts, strict=True):
         key = "requests_per_s" if count == 1 else "rows_per_s"
         for index, engine in enumerate(engines):
             values = []
@@ -239,7 +246,17 @@ def scale_plots(rows: list[dict]) -> dict[str, bytes]:
         ax.set_xticklabels(variants, rotation=30, ha="right", fontsize=8)
         ax.set(ylabel=key.replace("_per_s", "/s"), title=f"{ids} ids, {count}-row requests")
         ax.legend()
-    return {"memory_p99": memory, "throughput": _png(fig, plt)}
+    return png_bytes(fig, plt)
+
+
+def scale_plots(rows: list[dict]) -> dict[str, bytes]:
+    """Memory against p99, and throughput, for Zipf ids where the run has them."""
+    counts = sorted({r["rows_per_request"] for r in rows})
+    ids = "zipf" if any(r["ids"] == "zipf" for r in rows) else rows[0]["ids"]
+    return {
+        "memory_p99": plot_memory_p99(rows, ids, counts),
+        "throughput": plot_throughput(rows, ids, counts),
+    }
 
 
 def tables(rows: list[dict], details: dict) -> dict:
@@ -259,13 +276,12 @@ def context_lines(details: dict) -> list[str]:
         else f" ({zipf['source']})"
     )
     config, env = details["config"], details["environment"]
-    machine = env["machine"]
+    machine, sizes = env["machine"], config["table_sizes"]
     return [
-        f"Tables: {config['table_sizes'].count(',') + 1}, "
-        f"{sum(int(n) for n in config['table_sizes'].strip('()').split(',') if n.strip()):,} rows"
+        f"Tables: {len(sizes)}, {sum(sizes):,} rows"
         + (
             " (--quick: Criteo Kaggle's sizes divided by 100)"
-            if config["quick"] == "True"
+            if config["quick"]
             else " (Criteo Kaggle's sizes)"
         ),
         f"Zipf exponent {zipf['exponent']:.3f}{fitted}.",
