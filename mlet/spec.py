@@ -24,7 +24,14 @@ OPSET = 18
 DEFAULT_MAX_BATCH = 4096
 DEFAULT_PREFERRED_BATCHES = (64, 256, 1024)
 # KServe v2 datatype names and the NumPy dtypes they carry.
-DATATYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
+# BYTES (the raw-row models' logged columns) holds one bytes object per element.
+DATATYPES = {
+    "FP32": np.float32,
+    "FP16": np.float16,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "BYTES": np.object_,
+}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 
 from mlet.files import clean_leftovers
-from mlet.repository import CONFIG_FILE, model_folders, open_model
+from mlet.repository import CONFIG_FILE, MANIFEST_FILE, model_folders, open_model
 from mlet.runtime import SessionOptions
 from mlet.spec import ExportSpec
 from mlet.variants import ONNX_PLATFORM, TENSORRT_PLATFORM
@@ -35,9 +35,17 @@ from serve.batcher import (
     QueueFullError,
     RequestTimeoutError,
 )
-from serve.model_config import ServingDefaults, read_model_config, serving_defaults
+from serve.ensemble import ENSEMBLE_PLATFORM, EnsembleScheduler, ensemble_steps
+from serve.model_config import (
+    ConfigSpec,
+    ServingDefaults,
+    config_spec,
+    read_model_config,
+    serving_defaults,
+)
 from serve.protocol import InferenceError, InferRequest, decode_request, encode_response
 from serve.server_metrics import ServerMetrics
+from serve.transform_step import PYTHON_BACKEND, TransformBackend, is_transform_step
 from serve.validation import requested_outputs, validate_inputs
 
 log = logging.getLogger("mlet.serve")
@@ -93,12 +101,13 @@ class ModelHandle:
     name: str
     version: str
     platform: str
-    spec: ExportSpec
-    backend: Backend
-    batcher: DynamicBatcher
-    executor: ThreadPoolExecutor
+    spec: ExportSpec | ConfigSpec
+    backend: Backend | None  # None for an ensemble, whose steps are models of their own
+    batcher: DynamicBatcher | EnsembleScheduler
+    executor: ThreadPoolExecutor | None
     source: Path
     record_answer: Callable[[int, float], None]  # rows and seconds of an answered request
+    config_folder: Path | None = None  # a model served from its config.pbtxt alone
 
     def metadata(self) -> dict:
         return {
@@ -111,7 +120,8 @@ class ModelHandle:
 
     async def close(self) -> None:
         await self.batcher.close()
-        self.executor.shutdown(wait=False)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False)
 
 
 def config_defaults(folder: Path) -> ServingDefaults | None:
@@ -119,6 +129,38 @@ def config_defaults(folder: Path) -> ServingDefaults | None:
     if not (folder / CONFIG_FILE).is_file():
         return None
     return serving_defaults(read_model_config(folder), str(folder / CONFIG_FILE))
+
+
+def served_folders(repo: Path) -> dict[str, Path]:
+    """The repository's exported models, and its folders with a config.pbtxt but no
+    manifest (ensembles, raw-row transform steps), which `build_handle` serves or refuses."""
+    folders = model_folders(repo)
+    for path in sorted(repo.iterdir()):
+        hidden = path.name.startswith(".")  # an export in progress
+        if path.name not in folders and not hidden and (path / CONFIG_FILE).is_file():
+            folders[path.name] = path
+    return dict(sorted(folders.items()))
+
+
+def latest_version(folder: Path) -> Path:
+    """The highest numbered version folder, the one Triton's default policy serves."""
+    versions = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions:
+        raise FileNotFoundError(f"{folder} has no version folder")
+    return max(versions, key=lambda p: int(p.name))
+
+
+def step_models(folder: Path) -> list[str]:
+    """The models an ensemble's steps call; none for any other model."""
+    if (folder / MANIFEST_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        return []
+    try:
+        config = read_model_config(folder)
+    except ValueError:
+        return []  # build_handle reports it
+    if config.platform != ENSEMBLE_PLATFORM:
+        return []
+    return [step.model_name for step in config.ensemble_scheduling.step]
 
 
 def served_spec(spec: ExportSpec, defaults: ServingDefaults | None, platform: str) -> ExportSpec:
@@ -180,7 +222,7 @@ class DataPlane:
 
     def known_models(self) -> dict[str, Path]:
         """Models this server can load: the repository's folders and the PyTorch runs."""
-        folders = model_folders(self.repo) if self.repo is not None else {}
+        folders = served_folders(self.repo) if self.repo is not None else {}
         return {**folders, **dict(self.config.torch_runs)}
 
     def build_handle(self, name: str) -> ModelHandle:
@@ -191,6 +233,8 @@ class DataPlane:
         folder = self.known_models().get(name)
         if folder is None:
             raise FileNotFoundError(f"no model '{name}' in repository {self.repo}")
+        if not (folder / MANIFEST_FILE).is_file():
+            return self._config_handle(name, folder)
         opened = open_model(folder, verify=True)  # refuses files that differ from the manifest
         platform = opened.manifest.platform
         defaults = config_defaults(folder)
@@ -204,6 +248,65 @@ class DataPlane:
             raise ValueError(f"model '{name}': platform {platform!r} is not served here")
         version, model_file = opened.version, opened.model_path
         return self._handle(name, version, platform, spec, backend, batching, model_file)
+
+    def _config_handle(self, name: str, folder: Path) -> ModelHandle:
+        """An ensemble, or a raw-row transform step: models that only a config describes."""
+        config = read_model_config(folder)
+        where = str(folder / CONFIG_FILE)
+        spec = config_spec(config, where)
+        defaults = serving_defaults(config, where)
+        if config.platform == ENSEMBLE_PLATFORM:
+            steps = ensemble_steps(config, spec)
+            unloaded = sorted({s.model for s in steps} - set(self.models))
+            if unloaded:
+                raise ValueError(f"ensemble '{name}': step model(s) {unloaded} are not loaded")
+            timeout = self.config.batching.timeout_s
+            scheduler = EnsembleScheduler(name, steps, spec, self._step_handle, timeout)
+            record = self.metrics.answer_recorder(name)
+            return ModelHandle(
+                name, "1", ENSEMBLE_PLATFORM, spec, None, scheduler, None, folder, record, folder
+            )
+        version = latest_version(folder)
+        if config.backend == PYTHON_BACKEND and is_transform_step(version):
+            # Triton's Python backend answers each request of a batch on its own; running
+            # each alone keeps a refused row from failing the requests merged with it.
+            batching = batching_config(spec, defaults, self.config.batching)
+            batching = dataclasses.replace(batching, enabled=False)
+            backend = TransformBackend(version, spec, self.metrics.oov_counter(name))
+            handle = self._handle(
+                name, version.name, PYTHON_BACKEND, spec, backend, batching, version
+            )
+            handle.config_folder = folder
+            return handle
+        kind = config.platform or config.backend or "no platform or backend"
+        raise ValueError(
+            f"model '{name}' ({kind}) is not served here: this server runs exported models, "
+            "ensembles and the raw-row transform steps export writes"
+        )
+
+    def _step_handle(self, name: str) -> ModelHandle:
+        handle = self.models.get(name)
+        if handle is None:
+            raise InferenceError(f"ensemble step model '{name}' is not loaded", status=503)
+        return handle
+
+    def with_steps(self, names: list[str]) -> list[str]:
+        """`names` with each ensemble's step models before it, as Triton loads them."""
+        known, ordered = self.known_models(), []
+
+        def add(name: str, calling: tuple[str, ...]) -> None:
+            if name in calling:
+                raise ValueError(f"ensembles call each other in a cycle: {[*calling, name]}")
+            if name in ordered:
+                return
+            folder = known.get(name)
+            for step in step_models(folder) if folder is not None else []:
+                add(step, (*calling, name))
+            ordered.append(name)
+
+        for name in names:
+            add(name, ())
+        return ordered
 
     def _torch_handle(self, name: str, run: Path) -> ModelHandle:
         backend = TorchBackend(run, self.config.session.intra_op_threads)
@@ -235,11 +338,11 @@ class DataPlane:
                 log.warning("removed %s, left by an interrupted export", folder)
         known = self.known_models()
         runs = [name for name, _ in self.config.torch_runs]
-        required = [*(only or []), *(r for r in runs if r not in (only or []))]
+        required = self.with_steps([*(only or []), *(r for r in runs if r not in (only or []))])
         missing = sorted(set(required) - set(known))
         if missing:
             raise FileNotFoundError(f"model(s) {missing} not found in repository {self.repo}")
-        names = required if only is not None else list(known)
+        names = required if only is not None else self.with_steps(list(known))
         for name in names:
             try:
                 self._install(self.build_handle(name))
@@ -278,18 +381,28 @@ class DataPlane:
         async with self._control:
             if name not in self.known_models():
                 raise InferenceError(f"no model '{name}' in repository {self.repo}", status=404)
-            loop = asyncio.get_running_loop()
             try:
-                handle = await loop.run_in_executor(self._loader, self.build_handle, name)
-            except Exception as e:
-                if name in self.known_models():  # it may have gone meanwhile
-                    self.failures[name] = str(e)
+                steps = self.with_steps([name])[:-1]
+            except ValueError as e:
                 raise InferenceError(f"failed to load model '{name}': {e}") from e
-            old = self._install(handle)
-            if old is not None:
-                task = loop.create_task(old.close())  # drains the old version's requests
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+            for step in steps:  # an ensemble's steps load with it, as in Triton
+                if step not in self.models:
+                    await self._load_one(step)
+            await self._load_one(name)
+
+    async def _load_one(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            handle = await loop.run_in_executor(self._loader, self.build_handle, name)
+        except Exception as e:
+            if name in self.known_models():  # it may have gone meanwhile
+                self.failures[name] = str(e)
+            raise InferenceError(f"failed to load model '{name}': {e}") from e
+        old = self._install(handle)
+        if old is not None:
+            task = loop.create_task(old.close())  # drains the old version's requests
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     async def unload(self, name: str) -> None:
         self._check_control("unload")
@@ -327,6 +440,8 @@ class DataPlane:
         if handle is None:
             return server_limit, "the limit"
         spec = handle.spec
+        if any(t.datatype == "BYTES" for t in spec.inputs):
+            return server_limit, "the limit"  # a string's length has no bound of its own
         values = spec.max_batch_size * sum(math.prod(t.shape) for t in spec.inputs)
         limit = JSON_BYTES_PER_VALUE * values + HEADER_SLACK_BYTES
         if limit >= server_limit:
@@ -416,8 +531,13 @@ class DataPlane:
         return response
 
     async def close(self) -> None:
-        """Finish every queued request of every model, then release the runtimes."""
-        await asyncio.gather(*(h.close() for h in self.models.values()), *self._retiring)
+        """Finish every queued request of every model, then release the runtimes.
+
+        Ensembles drain first: their requests still need their step models."""
+        ensembles = [h for h in self.models.values() if h.platform == ENSEMBLE_PLATFORM]
+        await asyncio.gather(*(h.close() for h in ensembles))
+        others = [h for h in self.models.values() if h.platform != ENSEMBLE_PLATFORM]
+        await asyncio.gather(*(h.close() for h in others), *self._retiring)
         self._loader.shutdown(wait=False)
         self._decoder.shutdown(wait=False)
 

@@ -46,6 +46,7 @@ from serve.protocol import (
     InferRequest,
     RequestTensor,
     binary_array,
+    bytes_array,
     little_endian_bytes,
 )
 from serve.triton_json import served_config
@@ -64,7 +65,12 @@ STATUS_CODES = {
 }
 # Where a datatype's values go in InferTensorContents; FP16 has no field there, so it
 # travels in raw_input_contents only, as in Triton.
-CONTENTS_FIELDS = {"FP32": "fp32_contents", "INT32": "int_contents", "INT64": "int64_contents"}
+CONTENTS_FIELDS = {
+    "FP32": "fp32_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "BYTES": "bytes_contents",
+}
 # gRPC's option is a C int: a larger --max-body-bytes means "no smaller bound than this".
 MAX_MESSAGE_BYTES = 2**31 - 1
 SHARED_MEMORY = "shared-memory tensors are not supported; send the tensors in the request"
@@ -109,6 +115,8 @@ def typed_array(tensor, shape: tuple[int, ...], where: str) -> np.ndarray:
             f"{where}: '{field}' holds {len(values)} values but shape {list(shape)} "
             f"needs {math.prod(shape)}"
         )
+    if tensor.datatype == "BYTES":
+        return bytes_array(list(values), shape)
     dtype = DATATYPES[tensor.datatype]
     return np.fromiter(values, dtype, count=len(values)).reshape(shape)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from mlet.spec import DATATYPES, TensorSpec
+
 CONFIG_FILE = "config.pbtxt"
 
 
@@ -73,4 +75,48 @@ def serving_defaults(config: model_config_pb2.ModelConfig, where: str = "") -> S
         max_queue_delay_us=config.dynamic_batching.max_queue_delay_microseconds,
         dynamic_batching=batching,
         instances=instances,
+    )
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """The shape contract of a model that has a config.pbtxt but no export manifest (an
+    ensemble, a raw-row transform step): what validation and metadata read of a spec."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def config_datatype(data_type: int, where: str) -> str:
+    """A config's TYPE_* as the KServe v2 datatype: TYPE_STRING travels as BYTES."""
+    name = model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")
+    datatype = "BYTES" if name == "STRING" else name
+    if datatype not in DATATYPES:
+        raise ValueError(f"{where}: data type {name} is not served here")
+    return datatype
+
+
+def config_tensors(entries, where: str) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(e.name, config_datatype(e.data_type, f"{where} '{e.name}'"), tuple(e.dims))
+        for e in entries
+    )
+
+
+def config_spec(config: model_config_pb2.ModelConfig, where: str) -> ConfigSpec:
+    """The inputs, outputs and batch bound a config declares (dims exclude the batch)."""
+    serving_defaults(config, where)  # refuses what Triton refuses
+    return ConfigSpec(
+        inputs=config_tensors(config.input, f"{where}: input"),
+        outputs=config_tensors(config.output, f"{where}: output"),
+        max_batch_size=config.max_batch_size,
     )

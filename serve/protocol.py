@@ -10,6 +10,7 @@ asks for it (`binary_data` on the output, or `binary_data_output` for all output
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -76,6 +77,8 @@ def _shape(tensor: dict, where: str) -> tuple[int, ...]:
 
 def _json_array(values, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     """Values from JSON (flat or nested lists) as an array of `datatype`, strictly typed."""
+    if datatype == "BYTES":
+        return _json_strings(values, shape, where)
     try:
         array = np.asarray(values)
     except ValueError as e:
@@ -94,8 +97,62 @@ def _json_array(values, datatype: str, shape: tuple[int, ...], where: str) -> np
     return array.astype(DATATYPES[datatype], copy=False).reshape(shape)
 
 
+def _json_strings(values, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A BYTES tensor from JSON: (nested lists of) strings, as UTF-8 bytes elements."""
+    flat = _flattened(values, len(shape), where)
+    if len(flat) != math.prod(shape):
+        raise InferenceError(
+            f"{where}: 'data' holds {len(flat)} values but shape {list(shape)} "
+            f"needs {math.prod(shape)}"
+        )
+    if not all(isinstance(v, str) for v in flat):
+        raise InferenceError(f"{where}: 'data' must hold strings for datatype BYTES")
+    return bytes_array([v.encode() for v in flat], shape)
+
+
+def _flattened(values, depth: int, where: str) -> list:
+    """`values` flattened, whether the client sent them flat or nested `depth` deep."""
+    if not isinstance(values, list):
+        raise InferenceError(f"{where}: 'data' must be a list")
+    while values and all(isinstance(v, list) for v in values) and depth > 1:
+        values = [item for row in values for item in row]
+        depth -= 1
+    return values
+
+
+def bytes_array(elements: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    array = np.empty(len(elements), dtype=object)
+    array[:] = elements
+    return array.reshape(shape)
+
+
+def binary_bytes(raw: memoryview, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A binary BYTES tensor: each element a 4-byte little-endian length, then its bytes."""
+    count, offset, elements = math.prod(shape), 0, []
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise InferenceError(
+                f"{where}: binary data ends inside the length of element {i} of {count}"
+            )
+        length = int.from_bytes(raw[offset : offset + 4], "little")
+        offset += 4
+        if offset + length > len(raw):
+            raise InferenceError(
+                f"{where}: element {i} says {length} bytes but only {len(raw) - offset} remain"
+            )
+        elements.append(bytes(raw[offset : offset + length]))
+        offset += length
+    if offset != len(raw):
+        raise InferenceError(
+            f"{where}: {len(raw) - offset} bytes of binary data follow its {count} elements"
+        )
+    return bytes_array(elements, shape)
+
+
 def binary_array(raw: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     """Raw little-endian bytes (a binary tensor, or a gRPC raw input) read in place."""
+    if datatype == "BYTES":
+        return binary_bytes(raw, shape, where)
     itemsize = np.dtype(DATATYPES[datatype]).itemsize
     if len(raw) != math.prod(shape) * itemsize:
         raise InferenceError(
@@ -106,6 +163,18 @@ def binary_array(raw: memoryview, datatype: str, shape: tuple[int, ...], where: 
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
+def parse_json(text: bytes):
+    """JSON, with the NaN and Infinity tokens that tritonclient writes for such floats (a
+    raw row's missing number is NaN) and Triton reads; orjson, the fast path, has neither."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            raise InferenceError(f"request body is not valid JSON: {e}") from e
+
+
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
     """Parse a JSON or binary-extension request body into typed arrays."""
     if header_length is not None and not 0 < header_length <= len(body):
@@ -114,10 +183,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         )
     header_bytes = body if header_length is None else body[:header_length]
     binary = memoryview(body)[len(header_bytes) :]
-    try:
-        header = orjson.loads(header_bytes)
-    except orjson.JSONDecodeError as e:
-        raise InferenceError(f"request body is not valid JSON: {e}") from e
+    header = parse_json(header_bytes)
     if not isinstance(header, dict):
         raise InferenceError("request body must be a JSON object")
     parameters = _parameters(header, "request")

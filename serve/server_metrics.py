@@ -56,6 +56,22 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.oov_values = Counter(
+            "mlet_oov_values",
+            "Logged values never seen in training, which took their table's "
+            "out-of-vocabulary row, by raw-row transform step and table.",
+            ["model", "table"],
+            registry=self.registry,
+        )
+
+    def oov_counter(self, model: str):
+        """A callback for a transform step: counts one table's out-of-vocabulary values."""
+
+        def count(table: str, values: int) -> None:
+            self.oov_values.labels(model, table).inc(values)
+
+        return count
+
     def batch_observer(self, model: str):
         """A callback for the batcher: records one execution and its requests' queue times."""
         compute, batch_rows, queue = (

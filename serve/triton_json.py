@@ -99,8 +99,9 @@ def spec_config(name: str, spec, platform: str) -> model_config_pb2.ModelConfig:
 def served_config(handle) -> model_config_pb2.ModelConfig:
     """A loaded model's ModelConfig (serve.dataplane.ModelHandle), completed as Triton serves
     it: what gRPC's ModelConfig answers, and HTTP's config route prints as JSON."""
-    folder = Path(handle.source).parent.parent  # <model>/<version>/<model file>
-    if handle.platform in PLATFORM_DEFAULTS and (folder / "config.pbtxt").is_file():
+    folder = handle.config_folder or Path(handle.source).parent.parent  # <model>/<v>/<file>
+    from_file = handle.config_folder is not None or handle.platform in PLATFORM_DEFAULTS
+    if from_file and (folder / "config.pbtxt").is_file():
         config = read_model_config(folder)
         config.name = config.name or handle.name
     else:

@@ -7,12 +7,20 @@ ensemble over HTTP with BYTES inputs, in JSON and in binary form.
 
 from __future__ import annotations
 
+import json
+import re
+import urllib.error
+import urllib.request
+
+import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from bench.inprocess.data_bench import generate_criteo
@@ -20,12 +28,13 @@ from data.engine import ConvertConfig, convert
 from data.formats import avazu_format, criteo_format, csv_format
 from export.exporter import ExportConfig, export_variants
 from export.triton_config import check_triton_config
+from mlet.encoding import OOV_ID
 from mlet.formats import DataFormatError, read_batches
 from mlet.raw_rows import batch_columns, raw_columns, raw_to_inputs
 from mlet.repository import CONFIG_FILE
 from mlet.transform import load_transform
 from predict.predict import PredictConfig, predict_files
-from serve.process import free_port
+from serve.process import HOST, free_port, running_server
 from serve.triton_engine import TritonConfig, running_triton, unavailable_reason
 from tests.conftest import tiny_train_config
 from tests.test_data_engine import AVAZU_HEADER, GENERIC, avazu_rows
@@ -165,25 +174,60 @@ def raw_request(columns: dict[str, np.ndarray], binary: bool) -> list:
     return inputs
 
 
+def grpc_request(columns: dict[str, np.ndarray]) -> list:
+    inputs = []
+    for name, values in columns.items():
+        entry = grpcclient.InferInput(name, list(values.shape), np_to_triton_dtype(values.dtype))
+        entry.set_data_from_numpy(values)  # BYTES: 4-byte lengths in raw_input_contents
+        inputs.append(entry)
+    return inputs
+
+
+RAW_MODELS = ("criteo", "criteo-int8", "criteo-hash", "avazu", "generic")
+
+
 @pytest.fixture(scope="module")
 def triton(exported, tmp_path_factory):
+    """Triton's (HTTP address, gRPC address) serving every raw-row model and its steps."""
     if TRITON:
         pytest.skip(f"no Triton here: {TRITON}")
-    models = [f"{m}{suffix}" for m in ("criteo", "criteo-int8", "criteo-hash", "avazu", "generic")
-              for suffix in ("", "-transform", "-raw")]  # fmt: skip
+    models = [f"{m}{suffix}" for m in RAW_MODELS for suffix in ("", "-transform", "-raw")]
     log = tmp_path_factory.mktemp("triton-raw") / "triton.log"
-    config = TritonConfig(repo=exported, port=free_port(), models=models)
-    with (
-        running_triton(config, log) as server,
-        httpclient.InferenceServerClient(server.url.removeprefix("http://")) as client,
-    ):
-        yield client
+    config = TritonConfig(repo=exported, port=free_port(), grpc_port=free_port(), models=models)
+    with running_triton(config, log) as server:
+        yield server.url.removeprefix("http://"), f"{HOST}:{config.grpc_port}"
 
 
-@pytest.mark.parametrize("model", ["criteo", "criteo-int8", "criteo-hash", "avazu", "generic"])
-@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_triton_scores_raw_rows_as_mlet_predict_does(triton, exported, datasets, model, binary,
-                                                     tmp_path):  # fmt: skip
+@pytest.fixture(scope="module")
+def ours(exported):
+    """Our server's (HTTP address, gRPC address), serving the whole repository."""
+    port = free_port()
+    with running_server(exported, [], "--grpc-port", str(port)) as (url, _):
+        yield url.removeprefix("http://"), f"{HOST}:{port}"
+
+
+@pytest.fixture(params=["mlet", "triton"])
+def engine(request):
+    """(HTTP address, gRPC address) of each engine in turn."""
+    return request.getfixturevalue("ours" if request.param == "mlet" else "triton")
+
+
+def raw_infer(engine, protocol: str, model: str, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """`model`'s probabilities for raw columns, over HTTP JSON, HTTP binary or gRPC."""
+    http_address, grpc_address = engine
+    if protocol == "grpc":
+        with grpcclient.InferenceServerClient(grpc_address) as client:
+            result = client.infer(model, grpc_request(columns))
+    else:
+        with httpclient.InferenceServerClient(http_address) as client:
+            result = client.infer(model, raw_request(columns, binary=protocol == "binary"))
+    return result.as_numpy("probability").reshape(-1)
+
+
+@pytest.mark.parametrize("model", RAW_MODELS)
+@pytest.mark.parametrize("protocol", ["json", "binary", "grpc"])
+def test_both_engines_score_raw_rows_as_mlet_predict_does(engine, exported, datasets, model,
+                                                          protocol, tmp_path):  # fmt: skip
     raw, _ = datasets[model.removesuffix("-int8")]
     predicted = tmp_path / "predicted.csv"
     predict_files(exported / model, [raw], predicted, PredictConfig())
@@ -193,22 +237,25 @@ def test_triton_scores_raw_rows_as_mlet_predict_does(triton, exported, datasets,
     for batch in read_batches(raw, transform.fmt):
         for start in range(0, batch.num_rows, 300):
             part = batch.slice(start, 300)
-            inputs = raw_request(batch_columns(fmt, part), binary)
-            result = triton.infer(f"{model}-raw", inputs)
-            probability = result.as_numpy("probability").reshape(-1)
+            probability = raw_infer(engine, protocol, f"{model}-raw", batch_columns(fmt, part))
             np.testing.assert_allclose(probability, expected[done : done + len(part)], atol=1e-6)
             done += len(part)
     assert done == len(expected)
 
 
-def test_triton_answers_a_bad_raw_value_with_the_column_and_row(triton, exported, datasets):
+def criteo_columns(exported, datasets, rows: int = 3) -> dict[str, np.ndarray]:
     transform = load_transform(exported / "criteo")
-    batch = next(read_batches(datasets["criteo"][0], transform.fmt)).slice(0, 3)
-    columns = batch_columns(transform.fmt.without_label(), batch)
-    columns["C3"] = columns["C3"].copy()
+    batch = next(read_batches(datasets["criteo"][0], transform.fmt)).slice(0, rows)
+    return {k: v.copy() for k, v in batch_columns(transform.fmt.without_label(), batch).items()}
+
+
+@pytest.mark.parametrize("protocol", ["binary", "grpc"])
+def test_both_engines_answer_a_bad_raw_value_with_the_column_and_row(engine, exported, datasets,
+                                                                     protocol):  # fmt: skip
+    columns = criteo_columns(exported, datasets)
     columns["C3"][1, 0] = b"zz"
     with pytest.raises(InferenceServerException, match=r"request row:1: column 'C3'"):
-        triton.infer("criteo-raw", raw_request(columns, binary=True))
+        raw_infer(engine, protocol, "criteo-raw", columns)
 
 
 def test_mlet_predict_sends_raw_rows_to_the_raw_model(exported, datasets, tmp_path_factory):
@@ -231,3 +278,155 @@ def test_raw_rows_need_a_server(exported, datasets, tmp_path):
     with pytest.raises(ValueError, match="give --url too"):
         predict_files(exported / "avazu", [datasets["avazu"][0]], tmp_path / "p.csv",
                       PredictConfig(raw=True))  # fmt: skip
+
+
+# -- our server: bad raw input is refused naming the input, and the server stays healthy --
+
+
+def post_infer(address: str, model: str, request: dict, blobs: bytes = b"") -> tuple[int, dict]:
+    """POST a hand-made request (header JSON, then binary tensors) to our server."""
+    header = json.dumps(request).encode()
+    headers = {"Content-Type": "application/octet-stream"}
+    if blobs:
+        headers["Inference-Header-Content-Length"] = str(len(header))
+    post = urllib.request.Request(
+        f"http://{address}/v2/models/{model}/infer", header + blobs, headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(post, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def json_request(columns: dict[str, np.ndarray]) -> dict:
+    """A JSON request of raw columns, as tritonclient writes it (NaN for a missing number)."""
+    inputs = []
+    for name, values in columns.items():
+        if values.dtype == object:
+            data = [v.decode() for v in values.ravel()]
+            entry = {"name": name, "datatype": "BYTES", "shape": list(values.shape), "data": data}
+        else:
+            data = [float(v) for v in values.ravel()]
+            entry = {"name": name, "datatype": "FP32", "shape": list(values.shape), "data": data}
+        inputs.append(entry)
+    return {"inputs": inputs}
+
+
+def length_prefixed(values: list[bytes]) -> bytes:
+    return b"".join(len(v).to_bytes(4, "little") + v for v in values)
+
+
+def entry_of(request: dict, name: str) -> dict:
+    return next(e for e in request["inputs"] if e["name"] == name)
+
+
+def ready(address: str) -> bool:
+    with urllib.request.urlopen(f"http://{address}/v2/health/ready", timeout=10) as response:
+        return response.status == 200
+
+
+def refused_over_grpc(ours, model: str, inputs: list) -> InferenceServerException:
+    with (
+        grpcclient.InferenceServerClient(ours[1]) as client,
+        pytest.raises(InferenceServerException) as refused,
+    ):
+        client.infer(model, inputs)
+    return refused.value
+
+
+def test_our_server_refuses_bad_raw_columns_naming_the_input(ours, exported, datasets):
+    columns = criteo_columns(exported, datasets)
+    cases = {}
+    request = json_request({k: v for k, v in columns.items() if k != "C7"})
+    cases["missing"] = (request, b"", r"missing input\(s\) \['C7'\]")
+    request = json_request(columns)
+    entry_of(request, "C2").update(datatype="FP32", data=[1.0, 2.0, 3.0])
+    cases["datatype"] = (request, b"", "input 'C2' has datatype FP32, expected BYTES")
+    request = json_request(columns)
+    entry_of(request, "I4")["data"] = ["12", "a", "3"]
+    cases["text for a number"] = (request, b"", "input 'I4': 'data' must hold numbers")
+    request = json_request(columns)
+    entry_of(request, "C5").update(shape=[2, 1], data=["68fd1e64", "68fd1e64"])
+    cases["batch sizes"] = (request, b"", r"inputs disagree on the batch size \(3 and 2\)")
+    request = json_request(columns)
+    blob = length_prefixed([b"68fd1e64", b"68fd1e64"]) + (90).to_bytes(4, "little") + b"68fd"
+    entry_of(request, "C9").pop("data")
+    entry_of(request, "C9")["parameters"] = {"binary_data_size": len(blob)}
+    cases["length past the body"] = (request, blob, "input 'C9': element 2 says 90 bytes")
+    for case, (request, blob, message) in cases.items():
+        status, answer = post_infer(ours[0], "criteo-raw", request, blob)
+        assert status == 400, case
+        assert re.search(message, answer["error"]), (case, answer)
+
+    generic = load_transform(exported / "generic")
+    batch = next(read_batches(datasets["generic"][0], generic.fmt)).slice(0, 2)
+    text = batch_columns(generic.fmt.without_label(), batch)
+    text["user"] = np.array([[b"u1"], [b"\xff\xfe"]], dtype=object)
+    error = refused_over_grpc(ours, "generic-raw", grpc_request(text))
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "request row:1: column 'user': undecodable bytes (not UTF-8)" in error.message()
+    wrong = dict(columns, I1=columns["C1"])  # text where a number belongs
+    inputs = grpc_request(wrong)
+    error = refused_over_grpc(ours, "criteo-raw", inputs)
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "input 'I1' has datatype BYTES, expected FP32" in error.message()
+    assert ready(ours[0])
+
+
+def test_typed_bytes_contents_and_binary_bytes_score_alike_on_our_server(ours, exported,
+                                                                       datasets):  # fmt: skip
+    columns = criteo_columns(exported, datasets)
+    request = service_pb2.ModelInferRequest(model_name="criteo-raw")
+    for name, values in columns.items():
+        tensor = request.inputs.add(name=name, shape=values.shape)
+        if values.dtype == object:
+            tensor.datatype = "BYTES"
+            tensor.contents.bytes_contents.extend(values.ravel().tolist())
+        else:
+            tensor.datatype = "FP32"
+            tensor.contents.fp32_contents.extend(values.ravel().tolist())
+    with grpc.insecure_channel(ours[1]) as channel:
+        answer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    typed = np.frombuffer(answer.raw_output_contents[0], np.float32)
+    np.testing.assert_allclose(typed, raw_infer(ours, "binary", "criteo-raw", columns), atol=1e-7)
+
+
+def oov_count(address: str, model: str, table: str) -> float:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    pattern = rf'mlet_oov_values_total{{model="{model}",table="{table}"}} (\S+)'
+    found = re.search(pattern, text)
+    return 0.0 if found is None else float(found.group(1))
+
+
+def test_an_unseen_value_takes_the_oov_row_and_is_counted(ours, exported, datasets):
+    columns = criteo_columns(exported, datasets, rows=2)
+    columns["C4"][1, 0] = b"f00dfeed"  # hex, never in the training log
+    before = oov_count(ours[0], "criteo-transform", "C4")
+    probability = raw_infer(ours, "json", "criteo-raw", columns)
+    assert oov_count(ours[0], "criteo-transform", "C4") == before + 1
+    transform = load_transform(exported / "criteo")
+    dense, ids = raw_to_inputs(transform, columns)
+    assert ids[1, transform.fmt.categorical.index("C4")] == OOV_ID
+    with httpclient.InferenceServerClient(ours[0]) as client:
+        inputs = [httpclient.InferInput("dense", list(dense.shape), "FP32"),
+                  httpclient.InferInput("sparse", list(ids.shape), "INT64")]  # fmt: skip
+        inputs[0].set_data_from_numpy(dense)
+        inputs[1].set_data_from_numpy(ids)
+        by_ids = client.infer("criteo", inputs).as_numpy("probability").reshape(-1)
+    np.testing.assert_allclose(probability, by_ids, atol=1e-7)
+
+
+def test_our_server_describes_the_ensemble_as_triton_does(ours, triton):
+    for address in (ours[1], triton[1]):
+        with grpcclient.InferenceServerClient(address) as client:
+            metadata = client.get_model_metadata("avazu-raw", as_json=True)
+            config = client.get_model_config("avazu-raw", as_json=True)["config"]
+        assert metadata["platform"] == "ensemble"
+        assert {t["datatype"] for t in metadata["inputs"]} == {"BYTES"}
+        steps = [s["model_name"] for s in config["ensemble_scheduling"]["step"]]
+        assert steps == ["avazu-transform", "avazu"]
+    with urllib.request.urlopen(f"http://{ours[0]}/v2/repository/index", timeout=10) as response:
+        index = {m["name"]: m["state"] for m in json.loads(response.read())}
+    assert index["avazu-raw"] == index["avazu-transform"] == "READY"
