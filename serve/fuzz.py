@@ -221,7 +221,7 @@ class FuzzReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}
+        data["statuses"] = {str(k): v for k, v in sorted_statuses(self.statuses)}
         data["kinds"] = dict(sorted(self.kinds.items()))
         return data
 
@@ -252,6 +252,10 @@ class Fuzzer:
         self.reference = onnxruntime_runner(model_path)
         self.report = FuzzReport()
         self.connection: http.client.HTTPConnection | None = None
+
+    def strategy(self, max_rows: int):
+        """The Hypothesis strategy of this fuzzer's cases."""
+        return cases(self.spec, max_rows)
 
     def post(self, case: Case) -> tuple[int, bytes, http.client.HTTPMessage] | None:
         """(status, body, headers), or None when no answer came within hang_s."""
@@ -326,7 +330,7 @@ def fuzz(fuzzer: Fuzzer, count: int, seed: int | None = None, max_rows: int = 16
         suppress_health_check=list(HealthCheck),
         phases=[Phase.generate],  # every case is new; shrinking would resend old ones
     )
-    @given(cases(fuzzer.spec, max_rows))
+    @given(fuzzer.strategy(max_rows))
     def send(case: Case) -> None:
         fuzzer.check(case)
 
@@ -335,6 +339,17 @@ def fuzz(fuzzer: Fuzzer, count: int, seed: int | None = None, max_rows: int = 16
     send()
     fuzzer.close()
     return fuzzer.report
+
+
+def sorted_statuses(statuses: Counter) -> list[tuple]:
+    """HTTP statuses (numbers) and gRPC codes (names), in one order."""
+    return sorted(statuses.items(), key=lambda item: (isinstance(item[0], str), str(item[0])))
+
+
+def server_errors(statuses: Counter) -> int:
+    """Answers that say the server failed: HTTP 5xx, gRPC's server-fault codes."""
+    faults = ("INTERNAL", "UNKNOWN", "DATA_LOSS")
+    return sum(n for k, n in statuses.items() if k in faults or isinstance(k, int) and k >= 500)
 
 
 def rss_mib(process) -> float:
@@ -356,12 +371,12 @@ def run_fuzz(repo: Path, model: str, count: int, hang_s: float = 10.0, seed: int
 
 
 def report_lines(report: FuzzReport, seconds: float) -> list[str]:
-    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(report.statuses.items()))
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted_statuses(report.statuses))
     return [
         f"cases: {report.cases} in {seconds:.0f} s ({report.valid_checked} valid, checked "
         f"against in-process ONNX Runtime, max abs diff {report.max_abs_diff:.2e})",
         f"statuses: {statuses}",
-        f"hangs: {report.hangs}; 5xx: {sum(v for k, v in report.statuses.items() if k >= 500)}",
+        f"hangs: {report.hangs}; 5xx, INTERNAL or UNKNOWN: {server_errors(report.statuses)}",
         f"server RSS: {report.rss_before_mib:.1f} MiB before, {report.rss_after_mib:.1f} MiB after",
         "kinds: " + ", ".join(f"{k} {v}" for k, v in report.kinds.items()),
     ]

@@ -18,17 +18,16 @@ inference), and its pool size would cap the requests in flight, hence the batch 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc.service_pb2_grpc import (
-    GRPCInferenceServiceServicer,
-    add_GRPCInferenceServiceServicer_to_server,
-)
+from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceServicer
 
 from mlet.spec import DATATYPES
 from serve.batcher import RequestTimeoutError
@@ -228,6 +227,8 @@ def answers_refusals(method):
     @functools.wraps(method)
     async def rpc(self, request, context):
         try:
+            if isinstance(request, MalformedMessage):
+                raise InferenceError(f"malformed {request.type_name} message: {request.error}")
             return await method(self, request, context)
         except InferenceError as e:
             await context.abort(status_code(e), e.message)
@@ -370,6 +371,49 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 # -- the listening server ------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class MalformedMessage:
+    """What arrived in place of a request message that does not parse."""
+
+    type_name: str
+    error: str
+
+
+def tolerant_parser(message_type):
+    """Parse a request message; one that fails to parse reaches the RPC as a
+    MalformedMessage, which it refuses with INVALID_ARGUMENT (grpc's own parse failure
+    would answer UNKNOWN, a server error, for the client's fault)."""
+
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return MalformedMessage(message_type.DESCRIPTOR.full_name, str(e))
+
+    return parse
+
+
+def service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The service's RPCs, registered as the generated add_..._to_server registers them,
+    but with tolerant request parsing."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        kind = (method.client_streaming, method.server_streaming)
+        register = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+        }[kind]
+        handlers[method.name] = register(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         # a larger message is refused with RESOURCE_EXHAUSTED before a handler sees it,
@@ -386,7 +430,7 @@ class GrpcServer:
 
     def __init__(self, plane: DataPlane, max_message_bytes: int) -> None:
         self.server = grpc.aio.server(options=server_options(max_message_bytes))
-        add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), self.server)
+        self.server.add_generic_rpc_handlers((service_handler(InferenceServicer(plane)),))
 
     async def listen(self, host: str, port: int) -> int:
         """Start serving on host:port; the port bound (port 0 picks a free one)."""

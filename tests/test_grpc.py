@@ -204,6 +204,17 @@ def test_bad_requests_get_the_status_and_a_message_naming_the_problem(
     assert message in error.message() and "Traceback" not in error.message()
 
 
+@pytest.mark.parametrize("rpc", ["ModelInfer", "ModelMetadata", "RepositoryIndex"])
+def test_a_malformed_message_is_invalid_argument_and_the_server_stays_up(server, client, rpc):
+    with grpc.insecure_channel(server[1]) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{rpc}")  # bytes as sent
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"\x0a\xff\xff\xff", timeout=10)  # a length running past the message
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed inference." in refused.value.details()
+    assert client.is_server_ready()
+
+
 def test_a_message_over_the_size_limit_is_refused(client, tiny_repo):
     inputs = spec_of(tiny_repo, "full").random_inputs(1200, np.random.default_rng(0))
     assert sum(a.nbytes for a in inputs.values()) > LIMIT

@@ -34,6 +34,8 @@ from mlet.raw_rows import batch_columns, raw_columns, raw_to_inputs
 from mlet.repository import CONFIG_FILE
 from mlet.transform import load_transform
 from predict.predict import PredictConfig, predict_files
+from serve.fuzz import fuzz
+from serve.fuzz_raw import RawFuzzer
 from serve.process import HOST, free_port, running_server
 from serve.triton_engine import TritonConfig, running_triton, unavailable_reason
 from tests.conftest import tiny_train_config
@@ -430,3 +432,18 @@ def test_our_server_describes_the_ensemble_as_triton_does(ours, triton):
     with urllib.request.urlopen(f"http://{ours[0]}/v2/repository/index", timeout=10) as response:
         index = {m["name"]: m["state"] for m in json.loads(response.read())}
     assert index["avazu-raw"] == index["avazu-transform"] == "READY"
+
+
+@pytest.mark.parametrize("model", ["criteo", "avazu", "generic"])
+def test_fuzzed_raw_rows_get_no_server_error_and_right_numbers(ours, exported, datasets, model):
+    raw, _ = datasets[model]
+    fuzzer = RawFuzzer(f"http://{ours[0]}", ours[1], exported / model, 10.0, rows_from=raw)
+    try:
+        report = fuzz(fuzzer, 300, seed=3)
+    finally:
+        fuzzer.close_channel()
+    assert report.failures() == []
+    assert report.cases == 300 and report.hangs == 0
+    assert report.valid_checked > 30  # rows the transform takes, answered with its numbers
+    assert {"OK", "INVALID_ARGUMENT", 200, 400} <= set(report.statuses)
+    assert ready(ours[0])
