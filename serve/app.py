@@ -51,6 +51,7 @@ def model_statistics(plane: DataPlane, name: str) -> dict:
                 "failed_request_count": stats.failed_requests,
                 "refused_queue_full": stats.refused_full,
                 "refused_timeout": stats.refused_timeout,
+                "cancelled": stats.cancelled,
                 "batch_stats": [
                     {"batch_size": rows, "count": count}
                     for rows, count in sorted(stats.batch_rows.items())

@@ -80,6 +80,7 @@ class BatchStats:
     failed_requests: int = 0
     refused_full: int = 0
     refused_timeout: int = 0
+    cancelled: int = 0  # left the queue because their caller gave up
     batch_rows: Counter = field(default_factory=Counter)  # rows per execution -> count
 
 
@@ -155,7 +156,22 @@ class DynamicBatcher:
         self._idle.clear()
         self._ensure_scheduler()
         self._wakeup.set()
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._withdraw(pending)
+            raise
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """The caller gave up (a cancelled gRPC call, a passed deadline): a request still
+        queued leaves the queue, so that it takes no batch slot and no runtime time."""
+        for i, queued in enumerate(self._queue):
+            if queued is pending:  # identity: a request's arrays have no equality
+                del self._queue[i]
+                self._queued_rows -= pending.rows
+                self.stats.cancelled += 1
+                self._mark_idle_if_done()
+                return
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued and running one, then stop."""

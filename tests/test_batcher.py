@@ -280,3 +280,29 @@ def test_the_next_batch_starts_before_the_finished_batch_is_answered():
     run(scenario())
     assert recorder.batches == [2, 2] and answered == [0, 2]
     assert answered_at_submit == [0, 0]
+
+
+def test_a_cancelled_request_leaves_the_queue_and_never_runs():
+    recorder = Recorder()
+
+    async def scenario():
+        config = BatchingConfig(max_batch_rows=8, max_queue_delay_s=0.0, enabled=False)
+        batcher = make(config, recorder)
+        recorder.release.clear()  # the first batch holds the only instance
+        first = asyncio.ensure_future(batcher.submit(rows(0, 1), 1))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(batcher.submit(rows(100, 3), 3))
+        await asyncio.sleep(0.05)
+        queued = batcher.queued_rows
+        waiting.cancel()
+        await asyncio.sleep(0)
+        after_cancel = batcher.queued_rows
+        recorder.release.set()
+        outputs, _ = await first
+        await batcher.close()
+        return batcher, queued, after_cancel, outputs
+
+    batcher, queued, after_cancel, outputs = run(scenario())
+    assert (queued, after_cancel) == (3, 0)
+    assert recorder.batches == [1]  # the cancelled request's rows never ran
+    assert batcher.stats.cancelled == 1 and outputs["y"].ravel().tolist() == [0]

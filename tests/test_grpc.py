@@ -378,6 +378,26 @@ def test_overload_and_timeouts_get_unavailable_and_deadline_exceeded(tiny_repo):
         assert grpc_counts(client, "full")[3] == 3  # full queue and two timeouts: failures
 
 
+def test_a_cancelled_call_frees_its_place_in_the_queue(tiny_repo):
+    port = free_port()
+    options = ("--grpc-port", str(port), "--max-queue-rows", "1")
+    options += ("--max-queue-delay-us", "1000000", "--preferred-batch-sizes", "64")
+    inputs = spec_of(tiny_repo, "full").random_inputs(1, np.random.default_rng(0))
+    with (
+        running_server(tiny_repo, ["full"], *options) as (url, _),
+        grpcclient.InferenceServerClient(f"{HOST}:{port}") as client,
+    ):
+        call = client.async_infer("full", grpc_inputs(inputs), callback=lambda *_: None)
+        wait_for(lambda: http_stats(url, "full")["request_count"] == 1)
+        call.cancel()  # the queue's only row is free again, and the request never runs
+        wait_for(lambda: http_stats(url, "full")["cancelled"] == 1)
+        np.testing.assert_allclose(
+            grpc_infer(client, "full", inputs), in_process(tiny_repo, "full", inputs), atol=1e-6
+        )
+        stats = http_stats(url, "full")
+        assert stats["refused_queue_full"] == 0 and stats["inference_count"] == 1
+
+
 def test_sigterm_drains_grpc_requests_in_flight(tiny_repo):
     port = free_port()
     options = ("--grpc-port", str(port), "--max-queue-delay-us", "1500000")
