@@ -447,3 +447,23 @@ def test_fuzzed_raw_rows_get_no_server_error_and_right_numbers(ours, exported, d
     assert report.valid_checked > 30  # rows the transform takes, answered with its numbers
     assert {"OK", "INVALID_ARGUMENT", 200, 400} <= set(report.statuses)
     assert ready(ours[0])
+
+
+def test_loading_an_ensemble_loads_its_steps(exported, datasets):
+    port = free_port()
+    options = ("--grpc-port", str(port), "--model-control-mode", "explicit")
+    with (
+        running_server(exported, ["criteo"], *options),
+        grpcclient.InferenceServerClient(f"{HOST}:{port}") as client,
+    ):
+        assert not client.is_model_ready("avazu-raw")
+        client.load_model("avazu-raw")
+        assert all(client.is_model_ready(m) for m in ("avazu-raw", "avazu-transform", "avazu"))
+        transform = load_transform(exported / "avazu")
+        batch = next(read_batches(datasets["avazu"][0], transform.fmt)).slice(0, 4)
+        columns = batch_columns(transform.fmt.without_label(), batch)
+        answer = client.infer("avazu-raw", grpc_request(columns))
+        assert answer.as_numpy("probability").shape == (4, 1)
+        client.unload_model("avazu")  # a step gone: the ensemble says so, and stays up
+        with pytest.raises(InferenceServerException, match="step model 'avazu' is not loaded"):
+            client.infer("avazu-raw", grpc_request(columns))
