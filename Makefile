@@ -47,7 +47,17 @@ $(WRK):
 		echo "wrk is missing: mlet bench engines falls back to several Locust processes"; \
 	fi
 
-test: $(STAMP) $(BROWSER) $(TRITON_STAMP) $(WRK)
+# Over gRPC it drives the load with h2load, from Debian's nghttp2-client.
+H2LOAD := /usr/bin/h2load
+$(H2LOAD):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			nghttp2-client >/dev/null; \
+	else \
+		echo "h2load is missing: mlet bench engines --protocol grpc falls back to Locust"; \
+	fi
+
+test: $(STAMP) $(BROWSER) $(TRITON_STAMP) $(WRK) $(H2LOAD)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q

@@ -22,6 +22,7 @@ def add_parser(stages) -> None:
     load.add_argument("--duration", type=float, default=10.0, help="seconds per model")
     load.add_argument("--rows", type=int, default=1, help="rows per request")
     load.add_argument("--binary", action="store_true", help="binary tensor extension")
+    protocol_options(load, "Locust's HTTP or gRPC user")
     load.add_argument("--sweep", action="store_true", help="step the users until saturation")
     load.add_argument("--repetitions", type=int, default=3, help="sweep repetitions")
     load.add_argument("--locust-processes", type=int, default=1, help="Locust worker processes")
@@ -97,11 +98,22 @@ def model_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--quick", action="store_true", help="fewer batch sizes, shorter")
 
 
+def protocol_options(command: argparse.ArgumentParser, how: str) -> None:
+    """--protocol and --raw of the load commands."""
+    command.add_argument("--protocol", choices=["http", "grpc"], default="http",
+                         help=f"KServe v2 over HTTP or gRPC ({how})")  # fmt: skip
+    command.add_argument("--raw", action="store_true",
+                         help="logged columns to MODEL-raw (needs a model exported with its "
+                         "transform)")  # fmt: skip
+
+
 def add_engine_commands(bench, load_commands: list) -> None:
     """--engine and --url on the load benchmarks; `mlet bench engines`."""
     for command in load_commands:
         serve_engine_options(command)
         command.add_argument("--url", help="load an already running KServe v2 server instead")
+    load_commands[0].add_argument("--grpc-url", help="with --url and --protocol grpc: its "
+                                  "gRPC endpoint, host:port")  # fmt: skip
     engines = bench.add_parser("engines", help="our server and Triton, same model, same load")
     engines.add_argument("--repo", required=True)
     engines.add_argument("--model", required=True)
@@ -110,7 +122,9 @@ def add_engine_commands(bench, load_commands: list) -> None:
     engines.add_argument("--rounds", type=int, default=4,
                          help="each load in rounds that alternate the engines")  # fmt: skip
     engines.add_argument("--connections", type=int, default=32)
-    engines.add_argument("--generator", choices=["auto", "wrk", "locust"], default="auto")
+    engines.add_argument("--generator", choices=["auto", "wrk", "h2load", "locust"],
+                         default="auto", help="auto: wrk over HTTP, h2load over gRPC")  # fmt: skip
+    protocol_options(engines, "wrk or h2load")
     engines.add_argument("--locust-processes", type=int, default=2, help="without wrk")
     engines.add_argument("--tritonserver", help=TRITONSERVER_HELP)
     engines.add_argument(
@@ -183,13 +197,19 @@ def add_bench_fuzz(bench) -> None:
     fuzz.add_argument("--seed", type=int, default=0)
     fuzz.add_argument("--hang-seconds", type=float, default=10.0, help="longer counts as a hang")
     fuzz.add_argument("--out", help="write the figures to this JSON file")
+    fuzz.add_argument(
+        "--rows-from",
+        help="a logged file (CSV, TSV or Parquet) whose values a <model>-raw fuzz draws from",
+    )
     fuzz.set_defaults(handler=cmd_bench_fuzz)
 
 
 def bench_engine(args: argparse.Namespace):
     from bench.load.servers import engine_from_args
 
-    return engine_from_args(args.engine, args.url, args.tritonserver)
+    return engine_from_args(
+        args.engine, args.url, args.tritonserver, getattr(args, "grpc_url", None)
+    )
 
 
 def micro_config(args: argparse.Namespace):
@@ -228,6 +248,9 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
     if args.sweep:
         from bench.load.sweep import SweepConfig, run_sweep_command
 
+        if args.protocol != "http" or args.raw:
+            raise SystemExit("--sweep loads id requests over HTTP: drop --protocol grpc / --raw")
+
         config = SweepConfig(duration=args.duration, repetitions=args.repetitions,
                              locust_processes=args.locust_processes,
                              engine=bench_engine(args))  # fmt: skip
@@ -242,6 +265,8 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
         binary=args.binary,
         locust_processes=args.locust_processes,
         engine=bench_engine(args),
+        protocol=args.protocol,
+        raw=args.raw,
     )
     run_load(args.repo, args.models, config, args.out)
     print((Path(args.out) / "summary.md").read_text())
@@ -330,7 +355,7 @@ def cmd_bench_engines(args: argparse.Namespace) -> None:
         engines=tuple(args.engines), duration=args.duration, connections=args.connections,
         generator=args.generator, locust_processes=args.locust_processes,
         tritonserver=args.tritonserver, batching_off=not args.no_batching_off,
-        rounds=args.rounds,
+        rounds=args.rounds, protocol=args.protocol, raw=args.raw,
     )  # fmt: skip
     run_engines(args.repo, args.model, config, args.out)
     print((Path(args.out) / "engines.md").read_text())
@@ -384,11 +409,19 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
 
 def cmd_bench_fuzz(args: argparse.Namespace) -> None:
     from mlet.files import write_json
+    from mlet.raw_rows import RAW_SUFFIX
     from serve.fuzz import report_lines, run_fuzz
+    from serve.fuzz_raw import run_raw_fuzz
 
-    report, seconds = run_fuzz(
-        Path(args.repo), args.model, args.cases, args.hang_seconds, args.seed
-    )
+    if args.model.endswith(RAW_SUFFIX):  # logged columns, over HTTP and gRPC
+        rows_from = Path(args.rows_from) if args.rows_from else None
+        report, seconds = run_raw_fuzz(
+            Path(args.repo), args.model, args.cases, args.hang_seconds, args.seed, rows_from
+        )
+    else:
+        report, seconds = run_fuzz(
+            Path(args.repo), args.model, args.cases, args.hang_seconds, args.seed
+        )
     print("\n".join(report_lines(report, seconds)))
     if args.out:
         write_json(args.out, report.to_dict() | {"seconds": seconds})

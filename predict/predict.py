@@ -5,15 +5,15 @@ vocabularies, copied there by train and export), so scoring needs nothing else: 
 read by the same front doors and encoded by the same `Transform` that `mlet data` ran,
 values never seen in training land on their table's out-of-vocabulary row, and the dense
 transform runs inside the graph. Scores come from ONNX Runtime in this process, or from a
-KServe v2 server (`--url`). The output (CSV or Parquet) is written to a temporary file and
-renamed into place when complete.
+KServe v2 server (`--url`) over HTTP or gRPC (`--protocol`), which with `--raw` gets the
+logged columns themselves, for its NAME-raw model to encode. The output (CSV or Parquet)
+is written to a temporary file and renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import tempfile
 import time
 import urllib.error
@@ -23,13 +23,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mlet.encoding import value_counts
 from mlet.formats import check_columns, file_columns, first_line, is_parquet, read_batches
+from mlet.infer_request import (
+    InputTensor,
+    column_tensors,
+    grpc_infer,
+    grpc_output,
+    grpc_request,
+    grpc_stub,
+    http_body,
+    json_output,
+    spec_tensors,
+)
 from mlet.raw_rows import RAW_SUFFIX, batch_columns
 from mlet.repository import OpenedModel, open_model
 from mlet.runtime import SessionOptions, onnxruntime_session
@@ -39,6 +49,10 @@ from mlet.variants import ONNX_PLATFORM
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+PROTOCOLS = ("http", "grpc")
+PROBABILITY = "probability"
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     url: str | None = None  # a KServe v2 server; None: ONNX Runtime in this process
@@ -46,6 +60,15 @@ class PredictConfig:
     threads: int = 0
     timeout_s: float = 60.0
     raw: bool = False  # send the logged columns to the server's NAME-raw model instead
+    protocol: str = "http"  # how to reach `url`: http, or grpc (url is then host:port)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.raw and not self.url:
+            raise ValueError("raw rows go to a server's NAME-raw model: give --url too")
+        if self.request_rows < 1:
+            raise ValueError(f"request rows must be positive, got {self.request_rows}")
 
 
 @dataclass
@@ -73,67 +96,55 @@ def onnx_scorer(model: OpenedModel, threads: int) -> Scorer:
     return lambda dense, sparse: session.run(None, spec.model_inputs(dense, sparse))[0]
 
 
-def http_scorer(url: str, model: OpenedModel, timeout_s: float) -> Scorer:
-    """Scores through the Open Inference Protocol's JSON infer call."""
-    endpoint = f"{url.rstrip('/')}/v2/models/{model.name}/infer"
+def remote_infer(config: PredictConfig):
+    """A function (model name, tensors) -> probabilities [B, 1] through the server at
+    config.url, over HTTP (binary tensors, answered in JSON) or gRPC; a context manager,
+    since a gRPC channel is closed when done."""
+    if config.protocol == "grpc":
+        return grpc_infer_function(config.url, config.timeout_s)
+    return contextlib.nullcontext(http_infer_function(config.url, config.timeout_s))
+
+
+def http_infer_function(url: str, timeout_s: float):
+    def infer(model: str, tensors: list[InputTensor]) -> np.ndarray:
+        endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
+        body, headers = http_body(tensors, binary=True)
+        request = urllib.request.Request(endpoint, data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                answer = response.read()
+        except urllib.error.HTTPError as e:
+            reply = e.read().decode(errors="replace")[:500]
+            raise RuntimeError(f"model {model!r} at {endpoint}: HTTP {e.code}: {reply}") from e
+        except urllib.error.URLError as e:
+            raise RuntimeError(f"model {model!r} at {endpoint}: {e.reason}") from e
+        return json_output(answer, PROBABILITY, f"model {model!r} at {endpoint}")
+
+    return infer
+
+
+@contextlib.contextmanager
+def grpc_infer_function(url: str, timeout_s: float):
+    with grpc_stub(url) as stub:
+
+        def infer(model: str, tensors: list[InputTensor]) -> np.ndarray:
+            request = grpc_request(model, tensors, outputs=(PROBABILITY,))
+            return grpc_output(grpc_infer(stub, request, timeout_s), PROBABILITY)
+
+        yield infer
+
+
+def remote_scorer(infer, model: OpenedModel) -> Scorer:
+    """Scores ids with the served model."""
     spec = model.manifest.spec
-
-    def score(dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        arrays = spec.model_inputs(dense, sparse)
-        body = {
-            "inputs": [
-                {"name": t.name, "datatype": t.datatype, "shape": list(arrays[t.name].shape),
-                 "data": arrays[t.name].ravel().tolist()}
-                for t in spec.inputs
-            ]
-        }  # fmt: skip
-        headers = {"Content-Type": "application/json"}
-        return post_json_answer(endpoint, orjson.dumps(body), headers, timeout_s)
-
-    return score
+    return lambda dense, sparse: infer(
+        model.name, spec_tensors(spec, spec.model_inputs(dense, sparse))
+    )
 
 
-def post_json_answer(endpoint: str, body: bytes, headers: dict, timeout_s: float) -> np.ndarray:
-    """The first output of a KServe v2 infer call answered in JSON."""
-    request = urllib.request.Request(endpoint, data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            answer = orjson.loads(response.read())
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"{endpoint}: HTTP {e.code}: {e.read().decode()[:500]}") from e
-    except urllib.error.URLError as e:
-        raise RuntimeError(f"{endpoint}: {e.reason}") from e
-    output = answer["outputs"][0]
-    return np.asarray(output["data"], np.float32).reshape(output["shape"])
-
-
-def raw_request_body(columns: dict[str, np.ndarray]) -> tuple[bytes, dict]:
-    """Logged columns as binary tensors: BYTES elements each a 4-byte little-endian length
-    and the bytes, FP32 as they are; the probability comes back in JSON."""
-    tensors, blobs = [], []
-    for name, values in columns.items():
-        if values.dtype == object:
-            datatype = "BYTES"
-            blob = b"".join(struct.pack("<I", len(v)) + v for v in values.reshape(-1))
-        else:
-            datatype, blob = "FP32", np.ascontiguousarray(values, np.float32).tobytes()
-        tensors.append({"name": name, "datatype": datatype, "shape": list(values.shape),
-                        "parameters": {"binary_data_size": len(blob)}})  # fmt: skip
-        blobs.append(blob)
-    header = orjson.dumps({"inputs": tensors})
-    headers = {"Content-Type": "application/octet-stream",
-               "Inference-Header-Content-Length": str(len(header))}  # fmt: skip
-    return header + b"".join(blobs), headers
-
-
-def raw_http_scorer(url: str, model: OpenedModel, timeout_s: float):
+def raw_scorer(infer, model: OpenedModel):
     """Scores logged columns with the server's NAME-raw model (its transform step encodes)."""
-    endpoint = f"{url.rstrip('/')}/v2/models/{model.name}{RAW_SUFFIX}/infer"
-
-    def score(columns: dict[str, np.ndarray]) -> np.ndarray:
-        return post_json_answer(endpoint, *raw_request_body(columns), timeout_s)
-
-    return score
+    return lambda columns: infer(f"{model.name}{RAW_SUFFIX}", column_tensors(columns))
 
 
 class OutputWriter:
@@ -180,13 +191,17 @@ def predict_files(
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
         check_columns(path, transform.fmt, file_columns(path, transform.fmt))
-    if config.raw and not config.url:
-        raise ValueError("raw rows go to a server's NAME-raw model: give --url too")
-    if config.url:
-        score = http_scorer(config.url, opened, config.timeout_s)
-    else:
-        score = onnx_scorer(opened, config.threads)
-    score_raw = raw_http_scorer(config.url, opened, config.timeout_s) if config.raw else None
+    with contextlib.ExitStack() as stack:
+        if config.url:
+            infer = stack.enter_context(remote_infer(config))
+            score, score_raw = remote_scorer(infer, opened), raw_scorer(infer, opened)
+        else:
+            score, score_raw = onnx_scorer(opened, config.threads), None
+        return score_files(paths, transform, has_label, out, config, score, score_raw)
+
+
+def score_files(paths, transform, has_label, out: Path, config, score, score_raw):
+    """Score every batch of `paths` (ids, or raw columns with config.raw) into `out`."""
     fields = [("row", pa.int64())] + ([("label", pa.uint8())] if has_label else [])
     writer = OutputWriter(out, pa.schema([*fields, ("probability", pa.float32())]))
     vocab_tables = np.array([t.encoding == "vocab" for t in transform.tables], bool)
@@ -197,7 +212,7 @@ def predict_files(
             for batch in read_batches(path, transform.fmt):
                 features = transform.features(batch, str(path), line)
                 ids = transform.encode(features.keys)
-                if score_raw is None:
+                if not config.raw:
                     probability = score_in_requests(score, features.dense, ids, config.request_rows)
                 else:
                     probability = score_raw_in_requests(score_raw, transform.fmt, batch, config)

@@ -21,15 +21,28 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.load.request_bodies import RequestFactory
+from bench.load.locust_support import LocustSettings
+from bench.load.request_bodies import (
+    RequestFactory,
+    request_factory,
+    require_raw_models,
+    served_models,
+    served_name,
+)
 from bench.load.servers import Engine, running_engine
 from bench.stats import unmeasured_as_null
 from mlet.files import write_json
+from mlet.infer_request import grpc_infer, grpc_request, grpc_stub, http_body
 from mlet.markdown import markdown_table
 from mlet.repository import open_model, require_models
 from mlet.spec import ExportSpec
+from serve.process import free_port
 
-LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+LOCUSTFILES = {
+    "http": Path(__file__).with_name("locustfile.py"),
+    "grpc": Path(__file__).with_name("locustfile_grpc.py"),
+}
+PROTOCOLS = tuple(LOCUSTFILES)
 WARM_UP_REQUESTS = 5
 WARM_UP_TIMEOUT_S = 60.0
 
@@ -46,10 +59,14 @@ class LoadConfig:
     server_args: tuple[str, ...] = ()  # extra `mlet serve` options, e.g. ("--batching", "off")
     ready_timeout: float = 60.0
     engine: Engine = field(default_factory=Engine)  # which server the load goes to
+    protocol: str = "http"  # http, or grpc (Locust's gRPC user, raw_input_contents)
+    raw: bool = False  # logged columns to NAME-raw instead of ids to NAME
 
     def __post_init__(self) -> None:
         if self.users < 1 or self.rows < 1:
             raise ValueError("users and rows must be positive")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.duration < 2:
             # Locust writes its final statistics on a one-second cadence; shorter runs
             # can end before any is written.
@@ -57,16 +74,14 @@ class LoadConfig:
 
 
 def run_locust(url: str, model: str, folder: Path, config: LoadConfig, prefix: Path) -> None:
-    env = {
-        **os.environ,
-        "MLET_MODEL": model,
-        "MLET_MODEL_FOLDER": str(folder),
-        "MLET_ROWS": str(config.rows),
-        "MLET_BINARY": "1" if config.binary else "0",
-        "MLET_ZIPF": str(config.zipf_exponent),
-    }
+    """Locust headless against `url` (gRPC: host:port): `model` is the model called, `folder`
+    the model folder its requests are drawn for (for NAME-raw: NAME's)."""
+    settings = LocustSettings(
+        model, folder, config.rows, config.binary, config.raw, config.zipf_exponent
+    )
+    env = {**os.environ, **settings.env()}
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILES[config.protocol]), "--headless",
         "--host", url, "-u", str(config.users), "-r", str(config.spawn_rate or config.users),
         "-t", f"{config.duration:g}s", "--csv", str(prefix), "--only-summary",
         "--loglevel", "WARNING", "--stop-timeout", "5",
@@ -139,13 +154,23 @@ def server_side_means(before: dict[str, float], after: dict[str, float]) -> dict
 
 
 def load_step(
-    url: str, server: psutil.Process, model: str, folder: Path, config: LoadConfig, prefix: Path
+    url: str,
+    server: psutil.Process,
+    model: str,
+    folder: Path,
+    config: LoadConfig,
+    prefix: Path,
+    target: str | None = None,
 ) -> dict:
-    """One Locust run against a running server, with both sides' CPU and the server's view."""
+    """One Locust run against a running server, with both sides' CPU and the server's view.
+
+    `model` is the model called (NAME-raw for raw loads), `folder` the model folder its
+    requests are drawn for; `target` is where Locust sends (default `url`; gRPC: host:port),
+    while the server's metrics are read from `url`."""
     metrics_before = scrape_server_metrics(url, model)
     server_cpu, client_cpu = sum(server.cpu_times()[:2]), children_cpu_seconds()
     started = time.monotonic()
-    run_locust(url, model, folder, config, prefix)
+    run_locust(target or url, model, folder, config, prefix)
     elapsed = time.monotonic() - started
     server_cpu = sum(server.cpu_times()[:2]) - server_cpu
     client_cpu = children_cpu_seconds() - client_cpu
@@ -171,9 +196,27 @@ def warm_up(url: str, model: str, spec: ExportSpec, config: LoadConfig) -> None:
     with its reply instead of as a load run with no completed request.
     """
     # another seed than the locustfile's, so that no timed request repeats a warm-up one
-    factory = RequestFactory(spec, config.zipf_exponent, seed=1)
+    send_warm_up(url, model, RequestFactory(spec, config.zipf_exponent, seed=1), config)
+
+
+def warm_up_folder(target: str, folder: Path, config: LoadConfig) -> None:
+    """`warm_up` for any load: over config.protocol, ids to the folder's model or (raw)
+    logged columns to its NAME-raw."""
+    factory = request_factory(folder, config.raw, config.zipf_exponent, seed=1)
+    send_warm_up(target, served_name(folder, config.raw), factory, config)
+
+
+def send_warm_up(target: str, model: str, factory, config: LoadConfig) -> None:
+    if config.protocol == "grpc":
+        with grpc_stub(target) as stub:
+            for _ in range(WARM_UP_REQUESTS):
+                request = grpc_request(model, factory.tensors(config.rows))
+                grpc_infer(stub, request, WARM_UP_TIMEOUT_S)
+        return
     for _ in range(WARM_UP_REQUESTS):
-        post_infer(url, model, *factory.body(config.rows, config.binary), what="warm-up")
+        tensors = factory.tensors(config.rows)
+        body = http_body(tensors, config.binary, binary_output=config.binary)
+        post_infer(target, model, *body, what="warm-up")
 
 
 def post_infer(
@@ -192,16 +235,21 @@ def post_infer(
 
 
 def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
+    """One model's load: `model`, or with config.raw its NAME-raw, over config.protocol."""
     manifest = open_model(repo / model).manifest
-    engine = config.engine
+    engine, called = config.engine, served_name(repo / model, config.raw)
+    grpc_port = free_port() if config.protocol == "grpc" and engine.url is None else None
     with running_engine(
-        engine, repo, [model], *config.server_args, timeout=config.ready_timeout
-    ) as (url, server):
+        engine, repo, served_models(model, config.raw), *config.server_args,
+        timeout=config.ready_timeout, grpc_port=grpc_port,
+    ) as (url, server):  # fmt: skip
+        target = engine.grpc_address(grpc_port) if config.protocol == "grpc" else url
         rss_loaded = server.memory_info().rss
-        warm_up(url, model, manifest.spec, config)
-        step = load_step(url, server, model, repo / model, config, out / f"locust-{model}")
+        warm_up_folder(target, repo / model, config)
+        prefix = out / f"locust-{called}"
+        step = load_step(url, server, called, repo / model, config, prefix, target)
     return {
-        "model": model,
+        "model": called,
         "engine": engine.describe(),
         **step,
         "model_bytes": manifest.model_bytes,
@@ -216,6 +264,8 @@ def run_load(
     """Load-test each model in turn and write summary.json and summary.md into `out`."""
     repo, out = Path(repo), Path(out)
     require_models(repo, models)
+    if config.raw:
+        require_raw_models(repo, models)
     out.mkdir(parents=True, exist_ok=True)
     summaries = [load_test_model(repo, m, config, out) for m in models]
     summary = {"config": asdict(config), "models": summaries}
@@ -224,11 +274,19 @@ def run_load(
     return summaries
 
 
+def load_encoding(config: LoadConfig) -> str:
+    """How a load's requests travel, for its summary line."""
+    what = "raw logged columns" if config.raw else "tensors"
+    if config.protocol == "grpc":
+        return f"gRPC ({what} in raw_input_contents)"
+    return f"{'binary' if config.binary else 'JSON'} {what}"
+
+
 def summary_markdown(summaries: list[dict], config: LoadConfig) -> str:
     lines = [
         f"Engine: {config.engine.describe()}. "
         f"Load: {config.users} users, {config.rows} row(s) per request, "
-        f"{'binary' if config.binary else 'JSON'} tensors, {config.duration:g} s per model.",
+        f"{load_encoding(config)}, {config.duration:g} s per model.",
         "",
     ]
     header = ["model", "requests/s", "p50 ms", "p95 ms", "p99 ms", "failures", "model bytes",

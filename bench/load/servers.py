@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import psutil
 
-from serve.process import free_port, running_server
+from serve.process import HOST, free_port, running_server
 
 ENGINES = ("mlet", "triton")
 
@@ -23,6 +23,17 @@ class Engine:
     name: str = "mlet"
     url: str | None = None
     tritonserver: str | None = None
+    grpc_url: str | None = None  # with `url`: its gRPC endpoint, host:port
+
+    def grpc_address(self, port: int | None) -> str:
+        """host:port of the engine's gRPC endpoint: `grpc_url`, or `port` on loopback."""
+        if self.url is not None:
+            if self.grpc_url is None:
+                raise ValueError(f"gRPC to the server at {self.url}: give its --grpc-url too")
+            return self.grpc_url
+        if port is None:
+            raise ValueError("a gRPC load needs the engine started with a gRPC port")
+        return f"{HOST}:{port}"
 
     def __post_init__(self) -> None:
         if self.url is None and self.name not in ENGINES:
@@ -34,8 +45,12 @@ class Engine:
         return {"mlet": "mlet (ours)", "triton": "Triton Inference Server"}[self.name]
 
 
-def engine_from_args(name: str, url: str | None, tritonserver: str | None) -> Engine:
-    return Engine(name="url" if url else name, url=url, tritonserver=tritonserver)
+def engine_from_args(
+    name: str, url: str | None, tritonserver: str | None, grpc_url: str | None = None
+) -> Engine:
+    return Engine(
+        name="url" if url else name, url=url, tritonserver=tritonserver, grpc_url=grpc_url
+    )
 
 
 class ProcessTree:
@@ -65,17 +80,25 @@ class ProcessTree:
 
 @contextmanager
 def running_engine(
-    engine: Engine, repo: Path, models: list[str], *options: str, timeout=60.0, log=None
+    engine: Engine,
+    repo: Path,
+    models: list[str],
+    *options: str,
+    timeout=60.0,
+    log=None,
+    grpc_port: int | None = None,
 ):
     """Yields (url, ProcessTree) of a server for `models`; stops what it started.
 
-    `log`: where Triton's output goes (default: a temporary file).
+    `log`: where Triton's output goes (default: a temporary file). `grpc_port`: also serve
+    KServe v2 gRPC there (both engines' --grpc-port), on loopback.
     """
     if engine.url is not None:
         yield engine.url.rstrip("/"), ProcessTree(None)
         return
     if engine.name == "mlet":
-        with running_server(repo, models, *options, timeout=timeout) as (url, server):
+        grpc = ("--grpc-port", str(grpc_port)) if grpc_port is not None else ()
+        with running_server(repo, models, *options, *grpc, timeout=timeout) as (url, server):
             yield url, ProcessTree(server.pid)
         return
     if options:
@@ -85,6 +108,7 @@ def running_engine(
     config = TritonConfig(
         repo=Path(repo),
         port=free_port(),
+        grpc_port=grpc_port,
         models=models,
         tritonserver=Path(engine.tritonserver) if engine.tritonserver else None,
         ready_timeout_s=max(timeout, 120.0),
