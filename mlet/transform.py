@@ -35,6 +35,7 @@ from mlet.formats import DataFormatError, SourceFormat
 
 TRANSFORM_FILE = "transform.json"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+SMALL = 4096  # values of all tables together, below which they are decoded in one call
 
 
 @dataclass
@@ -78,16 +79,37 @@ class Transform:
         empty_dense = np.zeros(len(fmt.dense), np.int64)
         for i, name in enumerate(fmt.dense):
             dense[:, i], empty_dense[i] = with_column(name, read_dense, batch.column(name))
-        keys = [
-            with_column(name, self.column_keys, name, batch.column(name))
-            for name in fmt.categorical
-        ]
+        keys = self.categorical_keys(batch)
         if fmt.hour:
             hours = batch.column(fmt.hour).to_numpy(zero_copy_only=False)
             hour, weekday = with_column(fmt.hour, hour_keys, hours)
             keys += [small_keys(hour, 24, self.hotness), small_keys(weekday, 7, self.hotness)]
         empty_tables = np.array([k.empty_rows() for k in keys], np.int64)
         return Features(labels, dense, keys, empty_dense, empty_tables)
+
+    def categorical_keys(self, batch: pa.RecordBatch) -> list[ColumnKeys]:
+        """The keys of every categorical column, one ColumnKeys per table."""
+        names, rows = self.fmt.categorical, batch.num_rows
+        if self.fmt.keys == "hex" and not self.fmt.multi_hot and rows * len(names) <= SMALL:
+            return self.small_hex_keys(batch)
+        return [with_column(name, self.column_keys, name, batch.column(name)) for name in names]
+
+    def small_hex_keys(self, batch: pa.RecordBatch) -> list[ColumnKeys]:
+        """A few rows (a served request, say): every table's values decoded in one call.
+
+        At a few values a column, each call's fixed cost is most of the work (26 calls of
+        about 70 us against one for a Criteo row). The tables share the distinct keys;
+        each keeps its own positions, so every id comes out as the per-column path gives.
+        """
+        names, rows = self.fmt.categorical, batch.num_rows
+        columns = [batch.column(n) for n in names]
+        combined = pa.concat_arrays([c if c.type == pa.binary() else c.cast(pa.binary())
+                                     for c in columns])  # fmt: skip
+        try:
+            keys = hex_column_keys(combined)
+        except BadValue as e:  # its row counts every table's rows: table-major
+            raise with_name(BadValue(e.row % rows, str(e)), names[e.row // rows]) from e
+        return [keys.rows(t * rows, (t + 1) * rows) for t in range(len(names))]
 
     def column_keys(self, name: str, column: pa.Array) -> ColumnKeys:
         """The keys of one categorical column, H slots per row."""

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serve.protocol import InferenceError
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -313,6 +315,9 @@ class DynamicBatcher:
             raise
         compute = time.monotonic() - started
         self._instance_free()
+        if isinstance(outputs, list):  # each request ran alone: see _merge_and_run
+            self._answer_each(batch, outputs, started, compute)
+            return
         self._record(batch, rows, started, compute)
         offset = 0
         for pending in batch:
@@ -338,9 +343,35 @@ class DynamicBatcher:
         requests = [p.inputs for p in batch]
         if len(requests) == 1:
             return self.run_batch(requests[0])
-        return self.run_batch(
-            {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
-        )
+        try:
+            return self.run_batch(
+                {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
+            )
+        except InferenceError:
+            # A request the runtime refuses (a raw row its transform rejects) must not fail
+            # the requests merged with it: each runs alone, and only it is refused.
+            return [self._run_alone(inputs) for inputs in requests]
+
+    def _run_alone(self, inputs: Arrays) -> Arrays | InferenceError:
+        try:
+            return self.run_batch(inputs)
+        except InferenceError as refused:
+            return refused
+
+    def _answer_each(self, batch: list[_Pending], answers: list, started: float, compute: float):
+        """Answer the requests of a batch that ran one by one, each its outputs or refusal."""
+        answered = [p for p, a in zip(batch, answers, strict=True) if not isinstance(a, Exception)]
+        self.stats.failed_requests += len(batch) - len(answered)
+        if answered:
+            self._record(answered, sum(p.rows for p in answered), started, compute)
+        for pending, answer in zip(batch, answers, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(answer, Exception):
+                pending.future.set_exception(answer)
+            else:
+                timing = Timing(started - pending.arrival, compute, pending.rows)
+                pending.future.set_result((answer, timing))
 
     def _record(self, batch: list[_Pending], rows: int, started: float, compute: float) -> None:
         self.stats.executions += 1

@@ -268,10 +268,9 @@ class DataPlane:
             )
         version = latest_version(folder)
         if config.backend == PYTHON_BACKEND and is_transform_step(version):
-            # Triton's Python backend answers each request of a batch on its own; running
-            # each alone keeps a refused row from failing the requests merged with it.
+            # As Triton's Python backend answers each request of a batch on its own, a
+            # merged batch that the transform refuses is rerun request by request
             batching = batching_config(spec, defaults, self.config.batching)
-            batching = dataclasses.replace(batching, enabled=False)
             backend = TransformBackend(version, spec, self.metrics.oov_counter(name))
             handle = self._handle(
                 name, version.name, PYTHON_BACKEND, spec, backend, batching, version

@@ -306,3 +306,33 @@ def test_a_cancelled_request_leaves_the_queue_and_never_runs():
     assert (queued, after_cancel) == (3, 0)
     assert recorder.batches == [1]  # the cancelled request's rows never ran
     assert batcher.stats.cancelled == 1 and outputs["y"].ravel().tolist() == [0]
+
+
+def test_a_refused_request_in_a_merged_batch_fails_alone():
+    from serve.protocol import InferenceError
+
+    calls = []
+
+    def refuse_negative(inputs):
+        calls.append(len(inputs["x"]))
+        if (inputs["x"] < 0).any():
+            raise InferenceError("negative row")
+        return {"y": inputs["x"] * 2}
+
+    async def scenario():
+        config = BatchingConfig(max_batch_rows=8, max_queue_delay_s=0.05)
+        batcher = DynamicBatcher(refuse_negative, config, ThreadPoolExecutor(1))
+        good = [rows(1, 2), rows(10, 1)]
+        bad = {"x": np.array([[-1.0]], np.float32)}
+        answers = await asyncio.gather(
+            batcher.submit(good[0], 2), batcher.submit(bad, 1), batcher.submit(good[1], 1),
+            return_exceptions=True,
+        )  # fmt: skip
+        return batcher, answers
+
+    batcher, answers = run(scenario())
+    assert calls == [4, 2, 1, 1]  # the merged batch, then each request alone
+    assert answers[0][0]["y"].ravel().tolist() == [2, 4]
+    assert isinstance(answers[1], InferenceError)
+    assert answers[2][0]["y"].ravel().tolist() == [20]
+    assert batcher.stats.failed_requests == 1 and batcher.stats.answered == 2

@@ -32,7 +32,7 @@ from mlet.encoding import OOV_ID
 from mlet.formats import DataFormatError, read_batches
 from mlet.raw_rows import batch_columns, raw_columns, raw_to_inputs
 from mlet.repository import CONFIG_FILE
-from mlet.transform import load_transform
+from mlet.transform import SMALL, load_transform
 from predict.predict import PredictConfig, predict_files
 from serve.fuzz import fuzz
 from serve.fuzz_raw import RawFuzzer
@@ -467,3 +467,19 @@ def test_loading_an_ensemble_loads_its_steps(exported, datasets):
         client.unload_model("avazu")  # a step gone: the ensemble says so, and stays up
         with pytest.raises(InferenceServerException, match="step model 'avazu' is not loaded"):
             client.infer("avazu-raw", grpc_request(columns))
+
+
+@pytest.mark.parametrize("name", ["criteo", "criteo-hash"])
+def test_a_few_rows_get_the_ids_the_whole_file_gets(datasets, name):
+    """Requests of a few rows decode every table's hex values in one call (Transform.
+    small_hex_keys); a whole batch decodes column by column: the same ids either way."""
+    raw, data = datasets[name]
+    transform = load_transform(data)
+    batch = next(read_batches(raw, transform.fmt))
+    assert batch.num_rows * len(transform.fmt.categorical) > SMALL  # the per-column path
+    whole = transform.features(batch, "whole", 0)
+    ids = transform.encode(whole.keys)
+    for start in range(0, batch.num_rows, 7):
+        part = transform.features(batch.slice(start, 7), "part", start)
+        np.testing.assert_array_equal(transform.encode(part.keys), ids[start : start + 7])
+        np.testing.assert_array_equal(part.dense, whole.dense[start : start + 7])
