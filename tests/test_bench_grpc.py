@@ -150,6 +150,9 @@ def test_bench_engines_over_grpc(tiny_repo, tmp_path):
     assert "Engines on mlet over gRPC" in table and "| mlet | 256-row gRPC |" in table
     assert "gRPC answers checked: a request of each load" in table
     assert "1-row gRPC requests/s, ours / Triton (goal >= 1)" in table
+    floor = summary["grpc_floor"]  # grpc.aio with nothing to do, under the same load
+    assert floor["requests"] > 0 and floor["failures"] == 0 and floor["cpu_ms_per_call"] > 0
+    assert "grpc.aio alone (bench/load/grpc_floor.py" in table
     if TRITON:
         pytest.skip(f"Triton half not run: {TRITON}")
     assert summary["goals"]["rows_ours_over_triton_batched"] is not None

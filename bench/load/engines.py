@@ -21,8 +21,10 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -50,7 +52,7 @@ from mlet.infer_request import grpc_request, http_body
 from mlet.raw_rows import RAW_SUFFIX
 from mlet.repository import open_model
 from mlet.transform import load_transform
-from serve.process import free_port
+from serve.process import HOST, free_port
 
 # -- load generators ----------------------------------------------------------------------
 
@@ -351,6 +353,10 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
                     combine_rounds(label, load, rounds[label], rss, generator, config.protocol)
                 )
     ceiling = mean_ceiling(ceilings or [inprocess_ceiling(folder, largest)])
+    floor = None
+    if config.protocol == "grpc" and config.chosen_generator() == "h2load":
+        one_row = next(load for load in loads if load.rows == 1 and not load.raw)
+        floor = grpc_floor(bodies[one_row][0], config)
     summary = {
         "model": model,
         "config": asdict(config),
@@ -359,12 +365,68 @@ def run_engines(repo: str | Path, model: str, config: EnginesConfig, out: str | 
         "results": results,
         "inprocess": ceiling,
         "goals": goal_ratios(results, ceiling, config.raw),
+        "grpc_floor": floor,
     }
     write_json(out / "engines.json", summary)
     (out / "engines.md").write_text(
         engines_markdown(model, config, results, generator_note, summary)
     )
     return summary
+
+
+def grpc_floor(request, config: EnginesConfig) -> dict:
+    """The 1-row gRPC load against grpc.aio doing no work (bench/load/grpc_floor.py): what
+    a Python gRPC server costs here before any inference."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.load.grpc_floor", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process)
+        tree = ProcessTree(process.pid)
+        before = sum(tree.cpu_times())
+        stats = run_h2load(f"{HOST}:{port}", request, config.connections, config.duration)
+        cpu = sum(tree.cpu_times()) - before
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    calls = stats["requests"] + stats["failures"]
+    return {
+        **stats,
+        "seconds": config.duration,
+        "cpu_s": cpu,
+        "cpu_ms_per_call": 1000 * cpu / max(calls, 1),
+    }
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the grpc.aio floor server exited ({process.returncode})")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the grpc.aio floor server did not listen on port {port}")
+
+
+def floor_lines(summary: dict, results: list[dict]) -> list[str]:
+    floor = summary.get("grpc_floor")
+    if not floor:
+        return []
+    per_call = [
+        f"{r['engine']} {r['server_cpu_cores'] / r['requests_per_s'] * 1000:.3f} ms"
+        for r in results
+        if r["rows_per_request"] == 1 and not r.get("raw") and r["requests_per_s"]
+    ]
+    return [
+        "",
+        f"grpc.aio alone (bench/load/grpc_floor.py: a Python ModelInfer that returns a fixed "
+        f"answer, under the same 1-row h2load load for {floor['seconds']:g} s): "
+        f"{floor['requests_per_s']:,.0f} requests/s, p99 {floor['p99_ms']:.2f} ms, "
+        f"{floor['cpu_ms_per_call']:.3f} ms of CPU per call. Server CPU per 1-row call: "
+        + ", ".join(per_call)
+        + ".",
+    ]
 
 
 def start_engines(stack, runs, repo: Path, model: str, config: EnginesConfig, out: Path):
@@ -520,6 +582,7 @@ def engines_markdown(
         *protocol_notes(model, config, results),
     ]
     if summary is not None:
+        lines += floor_lines(summary, results)
         ceiling = summary["inprocess"]
         lines += [
             "",
