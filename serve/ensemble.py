@@ -22,13 +22,14 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2
 
 from mlet.runtime import Arrays
+from mlet.spec import DATATYPES
 from serve.batcher import BatcherClosedError, BatchingConfig, BatchStats, Timing
 from serve.model_config import ConfigSpec
 from serve.protocol import InferenceError, InferRequest, RequestTensor
 from serve.validation import validate_inputs
 
 ENSEMBLE_PLATFORM = "ensemble"
-DATATYPE_OF_KIND = {"f4": "FP32", "f2": "FP16", "i8": "INT64", "i4": "INT32", "O": "BYTES"}
+DATATYPE_OF_DTYPE = {np.dtype(dtype): name for name, dtype in DATATYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,7 @@ def ensemble_steps(config: model_config_pb2.ModelConfig, spec: ConfigSpec) -> li
 
 
 def datatype_of(array: np.ndarray) -> str:
-    kind = "O" if array.dtype.kind == "O" else array.dtype.str[1:]
-    return DATATYPE_OF_KIND.get(kind, str(array.dtype))
+    return DATATYPE_OF_DTYPE.get(array.dtype.newbyteorder("="), str(array.dtype))
 
 
 def check_step_inputs(model: str, spec, arrays: Arrays) -> None:
@@ -132,7 +132,8 @@ class EnsembleScheduler:
         for step in self.steps:
             handle = self.step_handle(step.model)
             arrays = {name: tensors[source] for name, source in step.inputs.items()}
-            check_step_inputs(step.model, handle.spec, arrays)
+            if not self.validated_already(step, handle.spec):
+                check_step_inputs(step.model, handle.spec, arrays)
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             started = time.perf_counter()
             results, timing = await handle.batcher.submit(arrays, rows, left)
@@ -142,6 +143,16 @@ class EnsembleScheduler:
             batch_rows = timing.batch_rows
         outputs = {name: tensors[name] for name in self.spec.output_names}
         return outputs, Timing(queue_s, compute_s, batch_rows)
+
+    def validated_already(self, step: Step, spec) -> bool:
+        """A step that reads the ensemble's own inputs, under their own names, as the same
+        tensors: the request was validated against exactly these (the raw-row transform)."""
+        if not all(name == source for name, source in step.inputs.items()):
+            return False
+        own = {t.name: t for t in self.spec.inputs}
+        return len(spec.inputs) == len(step.inputs) and all(
+            own.get(t.name) == t for t in spec.inputs
+        )
 
     async def close(self) -> None:
         """Take no more requests; finish those already in their steps."""
