@@ -116,12 +116,17 @@ def serialize_bytes(name: str, array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def little_endian_bytes(array: np.ndarray) -> bytes:
+    """A numeric tensor as the wire carries it: contiguous, little-endian (binary HTTP,
+    gRPC raw inputs and outputs)."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def tensor_bytes(tensor: InputTensor) -> bytes:
     """A tensor as binary HTTP and gRPC raw inputs carry it."""
     if tensor.datatype == BYTES:
         return serialize_bytes(tensor.name, tensor.array)
-    array = tensor.array
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return little_endian_bytes(tensor.array)
 
 
 def json_data(tensor: InputTensor) -> np.ndarray | list[str]:

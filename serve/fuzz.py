@@ -30,11 +30,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
+from mlet.infer_request import little_endian_bytes
 from mlet.repository import open_model
 from mlet.runtime import onnxruntime_runner
 from mlet.spec import ExportSpec
 from serve.process import running_server
-from serve.protocol import HEADER_LENGTH, little_endian_bytes
+from serve.protocol import HEADER_LENGTH
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

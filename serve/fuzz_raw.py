@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 
 from mlet.formats import DataFormatError, read_batches
+from mlet.infer_request import InputTensor, tensor_bytes
 from mlet.raw_rows import RAW_SUFFIX, RawColumn, batch_columns, raw_columns, raw_to_inputs
 from mlet.repository import open_model
 from mlet.transform import load_transform
@@ -92,14 +93,10 @@ def raw_columns_of(draw, columns: list[RawColumn], logged: dict, rows: int, text
     return drawn
 
 
-def length_prefixed(values) -> bytes:
-    return b"".join(len(v).to_bytes(4, "little") + v for v in values)
-
-
-def wire_bytes(array: np.ndarray) -> bytes:
-    if array.dtype == object:
-        return length_prefixed(array.ravel())
-    return np.ascontiguousarray(array, "<f4").tobytes()
+def wire_bytes(name: str, array: np.ndarray) -> bytes:
+    """A column as binary HTTP and gRPC raw inputs carry it."""
+    datatype = "BYTES" if array.dtype == object else "FP32"
+    return tensor_bytes(InputTensor(name, datatype, array))
 
 
 def http_body(columns: dict[str, np.ndarray], binary: bool, fault: str | None, draw):
@@ -109,7 +106,7 @@ def http_body(columns: dict[str, np.ndarray], binary: bool, fault: str | None, d
         datatype = "BYTES" if array.dtype == object else "FP32"
         entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            blob = wire_bytes(array)
+            blob = wire_bytes(name, array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif datatype == "BYTES":
@@ -167,7 +164,7 @@ def grpc_message(model: str, columns: dict[str, np.ndarray], raw: bool, fault: s
         datatype = "BYTES" if array.dtype == object else "FP32"
         tensor = message.inputs.add(name=name, datatype=datatype, shape=array.shape)
         if raw:
-            message.raw_input_contents.append(wire_bytes(array))
+            message.raw_input_contents.append(wire_bytes(name, array))
         elif datatype == "BYTES":
             tensor.contents.bytes_contents.extend(array.ravel().tolist())
         else:

@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceServicer
 
+from mlet.infer_request import little_endian_bytes
 from mlet.spec import DATATYPES
 from serve.batcher import RequestTimeoutError
 from serve.dataplane import (
@@ -46,7 +47,6 @@ from serve.protocol import (
     RequestTensor,
     binary_array,
     bytes_array,
-    little_endian_bytes,
 )
 from serve.triton_json import served_config
 

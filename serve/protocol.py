@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
+from mlet.infer_request import little_endian_bytes
 from mlet.spec import DATATYPES
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -235,11 +236,6 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         outputs=outputs,
         binary_outputs=binary_outputs,
     )
-
-
-def little_endian_bytes(array: np.ndarray) -> bytes:
-    """A tensor as the wire carries it: contiguous, little-endian (binary HTTP, gRPC raw)."""
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
 def encode_response(
