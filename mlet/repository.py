@@ -21,6 +21,8 @@ from mlet.variants import MODEL_FILES, ONNX_PLATFORM
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.pbtxt"
 FIRST_VERSION = "1"
+# The raw-row transform a model folder may carry (mlet.transform writes and reads it).
+TRANSFORM_FILE = "transform.json"
 # Edited by hand (as in Triton, the operator's to edit) or the manifest itself: not checksummed.
 OPERATOR_FILES = frozenset({CONFIG_FILE, MANIFEST_FILE})
 

@@ -32,8 +32,8 @@ from mlet.encoding import (
 )
 from mlet.files import read_json, write_json
 from mlet.formats import DataFormatError, SourceFormat
+from mlet.repository import TRANSFORM_FILE
 
-TRANSFORM_FILE = "transform.json"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 SMALL = 4096  # values of all tables together, below which they are decoded in one call
 

@@ -23,7 +23,13 @@ from typing import TypeVar
 import numpy as np
 
 from mlet.files import clean_leftovers
-from mlet.repository import CONFIG_FILE, MANIFEST_FILE, model_folders, open_model
+from mlet.repository import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    TRANSFORM_FILE,
+    model_folders,
+    open_model,
+)
 from mlet.runtime import SessionOptions
 from mlet.spec import ExportSpec
 from mlet.variants import ONNX_PLATFORM, TENSORRT_PLATFORM
@@ -37,6 +43,7 @@ from serve.batcher import (
 )
 from serve.ensemble import ENSEMBLE_PLATFORM, EnsembleScheduler, ensemble_steps
 from serve.model_config import (
+    PYTHON_BACKEND,
     ConfigSpec,
     ServingDefaults,
     config_spec,
@@ -45,7 +52,6 @@ from serve.model_config import (
 )
 from serve.protocol import InferenceError, InferRequest, decode_request, encode_response
 from serve.server_metrics import ServerMetrics
-from serve.transform_step import PYTHON_BACKEND, TransformBackend, is_transform_step
 from serve.validation import requested_outputs, validate_inputs
 
 log = logging.getLogger("mlet.serve")
@@ -267,7 +273,9 @@ class DataPlane:
                 name, "1", ENSEMBLE_PLATFORM, spec, None, scheduler, None, folder, record, folder
             )
         version = latest_version(folder)
-        if config.backend == PYTHON_BACKEND and is_transform_step(version):
+        if config.backend == PYTHON_BACKEND and (version / TRANSFORM_FILE).is_file():
+            from serve.transform_step import TransformBackend  # pyarrow: for raw rows only
+
             # As Triton's Python backend answers each request of a batch on its own, a
             # merged batch that the transform refuses is rerun request by request
             batching = batching_config(spec, defaults, self.config.batching)

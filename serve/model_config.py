@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2
 from mlet.spec import DATATYPES, TensorSpec
 
 CONFIG_FILE = "config.pbtxt"
+PYTHON_BACKEND = "python"  # Triton's Python backend: served here for transform steps only
 
 
 @dataclass(frozen=True)

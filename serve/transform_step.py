@@ -21,15 +21,9 @@ from mlet.encoding import OOV_ID
 from mlet.formats import DataFormatError
 from mlet.raw_rows import raw_to_inputs
 from mlet.runtime import Arrays
-from mlet.transform import TRANSFORM_FILE, load_transform
+from mlet.transform import load_transform
 from serve.model_config import ConfigSpec
 from serve.protocol import InferenceError
-
-PYTHON_BACKEND = "python"
-
-
-def is_transform_step(version_folder: Path) -> bool:
-    return (version_folder / TRANSFORM_FILE).is_file()
 
 
 class TransformBackend:

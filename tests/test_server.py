@@ -1,6 +1,8 @@
 """A real server process, spoken to by the official tritonclient and by raw HTTP."""
 
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -167,3 +169,12 @@ def test_unknown_model_metadata_is_404(server):
 def test_server_binds_loopback_by_default():
     args = build_parser().parse_args(["serve", "--repo", "models"])
     assert args.host == "127.0.0.1"
+
+
+def test_the_server_imports_neither_torch_nor_pyarrow_until_a_model_needs_them():
+    """torch serves PyTorch runs only, pyarrow raw-row transform steps only."""
+    code = "import sys, serve.server, serve.grpc_server; "
+    code += "print('torch' in sys.modules, 'pyarrow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)  # fmt: skip
+    assert result.stdout.split() == ["False", "False"]
