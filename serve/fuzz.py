@@ -286,16 +286,24 @@ class Fuzzer:
             self.connection.close()
             self.connection = None
 
-    def check(self, case: Case) -> None:
+    def counted_post(self, case: Case, kind: str):
+        """Send a case and count it under `kind`; None (a hang) when no answer came."""
         report = self.report
         report.cases += 1
-        report.kinds[case.kind] += 1
+        report.kinds[kind] += 1
         answer = self.post(case)
         if answer is None:
             report.hangs += 1
+            return None
+        report.statuses[answer[0]] += 1
+        return answer
+
+    def check(self, case: Case) -> None:
+        report = self.report
+        answer = self.counted_post(case, case.kind)
+        if answer is None:
             return
         status, body, headers = answer
-        report.statuses[status] += 1
         if status >= 500:
             if len(report.server_errors) < 10:
                 report.server_errors.append(f"{status} {body[:300]!r} for {case.body[:200]!r}")

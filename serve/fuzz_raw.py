@@ -233,15 +233,10 @@ class RawFuzzer(Fuzzer):
         if case.protocol == "grpc":
             self.check_grpc(case)
             return
-        report = self.report
-        report.cases += 1
-        report.kinds[f"http {case.kind}"] += 1
-        answer = self.post(case)
+        answer = self.counted_post(case, f"http {case.kind}")
         if answer is None:
-            report.hangs += 1
             return
         status, body, headers = answer
-        report.statuses[status] += 1
         if status >= 500:
             self.server_error(f"{status} {body[:300]!r}", case)
         elif case.columns is not None:
