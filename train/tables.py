@@ -124,4 +124,7 @@ class TorchRecTables(nn.Module):
             pooled = pooled[..., : self.width]  # [B, T, K or D]
         if not self.multi_layer:
             return pooled
-        return torch.einsum("btk,tdk->btd", pooled, self.projection)  # [B, T, D]
+        # one bmm per table over strided views ([T, B, K] x [T, K, D]): einsum would copy
+        # the pooled vectors into that layout first, and its gradients back out of it
+        projected = torch.bmm(pooled.transpose(0, 1), self.projection.transpose(1, 2))
+        return projected.transpose(0, 1)  # [B, T, D]
