@@ -144,7 +144,7 @@ def add_bench_train(bench) -> None:
     command.add_argument("--baseline", default="5173b20",
                          help="commit whose trainer to compare with ('' for none)")  # fmt: skip
     command.add_argument("--steps", type=int, default=100, help="timed steps per round")
-    command.add_argument("--rounds", type=int, default=3)
+    command.add_argument("--rounds", type=int, default=5, help="step rounds per trainer, in turns")
     command.add_argument("--quick", action="store_true",
                          help="small tables, no Kaggle-size memory run (for tests)")  # fmt: skip
     command.set_defaults(handler=cmd_bench_train)
@@ -335,6 +335,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     if args.quick:
         config.speed_rows, config.speed_data_rows, config.memory = 1000, 4000, False
         config.warmup_steps, config.dim, config.hidden = 2, 4, 8
+        config.loop_repeats = 1
     if args.work:
         config.work = Path(args.work)
     run_train_bench(config, Path(args.out))

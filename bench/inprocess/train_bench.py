@@ -5,7 +5,9 @@
    study's overhead measurement (variants in turns, median of rounds), and the steps/s of
    one epoch of `mlet train` (data loading included); once with this checkout and once
    with a git worktree of `baseline`, the last commit before TorchRec, each in child
-   processes of its own, whose peak resident memory is recorded too.
+   processes of its own, whose peak resident memory is recorded too. The two trainers
+   take turns, round by round and epoch by epoch, so that a shared host's changing load
+   (it moves a step's time by 2x here within a minute) falls on both alike.
 2. Memory: `mlet train` of MLET k=K -> D on a generated dataset with Criteo Kaggle's 26
    table sizes, one full pass, in a child process: its peak RSS (the kernel's high-water
    mark, os.wait4) against the bytes of what it trains (W1, W2, MLPs, optimizer state).
@@ -27,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from bench.inprocess.export_bench import KAGGLE_TABLE_SIZES, measure_child
 from mlet.files import read_json, sha256_file, write_json
 from mlet.markdown import markdown_table
@@ -34,14 +38,26 @@ from mlet.markdown import markdown_table
 BASELINE = "5173b20"  # the last commit whose trainer is the single-process loop
 
 # Run inside a child, with the checkout under test (this one or the baseline) on its path.
+# Each round of the study's overhead measurement waits for the parent's word, so that the
+# two trainers' rounds take turns and a change in the host's load falls on both alike.
 TIMING = """
 import json, sys
 from mlet.dataset import load_dataset
-from study.overhead import OverheadConfig, measure_overhead
+from study import overhead
 options = json.loads(sys.argv[2])
-known = {k: v for k, v in options.items() if k in OverheadConfig.__dataclass_fields__}
-result = measure_overhead(load_dataset(sys.argv[1]), OverheadConfig(**known))
-print("RESULT " + json.dumps(result))
+known = {k: v for k, v in options.items() if k in overhead.OverheadConfig.__dataclass_fields__}
+config = overhead.OverheadConfig(**known)
+timed_run, variants, calls = overhead.Timed.run, len(overhead.variants(config)), [0]
+def paced_run(self, batches):
+    if calls[0] >= variants and calls[0] % variants == 0:  # past the warm-up: a new round
+        print("READY", flush=True)
+        if sys.stdin.readline().strip() != "GO":
+            raise SystemExit("the parent stopped the timing")
+    calls[0] += 1
+    return timed_run(self, batches)
+overhead.Timed.run = paced_run
+result = overhead.measure_overhead(load_dataset(sys.argv[1]), config)
+print("RESULT " + json.dumps(result), flush=True)
 """
 
 
@@ -55,7 +71,8 @@ class TrainBenchConfig:
     speed_rows: int = 100_000  # rows of each table in the speed comparison
     speed_data_rows: int = 100_000
     steps: int = 100
-    rounds: int = 3
+    rounds: int = 5
+    loop_repeats: int = 3  # epochs of `mlet train` per trainer and kind, in turns
     warmup_steps: int = 10
     batch_size: int = 512
     memory_tables: tuple[int, ...] = KAGGLE_TABLE_SIZES
@@ -101,8 +118,46 @@ def baseline_tree(work: Path, commit: str) -> Path:
     return tree
 
 
-def time_steps(data: Path, config: TrainBenchConfig, tree: Path | None) -> dict:
-    """Step times of full and MLET in a child process using the code at `tree`."""
+class PacedChild:
+    """A timing child (TIMING) that runs one round each time it is told to."""
+
+    def __init__(self, command: list[str], tree: Path | None) -> None:
+        # stderr to a file, not a pipe, so that a chatty child never blocks; closed by close()
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+            text=True, env=tree_env(tree), cwd=tree,
+        )  # fmt: skip
+        self.result: dict | None = None
+
+    def wait(self) -> bool:
+        """Until the child is ready for a round (True) or has printed its result (False)."""
+        for line in self.process.stdout:
+            if line.startswith("READY"):
+                return True
+            if line.startswith("RESULT "):
+                self.result = json.loads(line[len("RESULT ") :])
+                return False
+        self.log.seek(0)
+        raise RuntimeError(f"a timing child failed:\n{self.log.read()[-4000:]}")
+
+    def go(self) -> None:
+        self.process.stdin.write("GO\n")
+        self.process.stdin.flush()
+
+    def close(self) -> int:
+        """Wait for the child; its own peak RSS (os.wait4: this child alone)."""
+        self.process.stdin.close()
+        _, _, usage = os.wait4(self.process.pid, 0)
+        self.log.close()
+        return usage.ru_maxrss * 1024
+
+
+def time_steps(data: Path, config: TrainBenchConfig, trees: dict[str, Path | None]) -> dict:
+    """Step times of full and MLET for each trainer (name -> code tree, None: this one).
+
+    Every trainer runs in a child of its own; their rounds alternate, one child at a time.
+    """
     options = {
         "dim": config.dim,
         "hidden": [config.hidden],
@@ -115,28 +170,46 @@ def time_steps(data: Path, config: TrainBenchConfig, tree: Path | None) -> dict:
         "with_torch_adagrad": False,
     }
     command = [sys.executable, "-c", TIMING, str(data), json.dumps(options)]
-    measured = measure_child(command, env=tree_env(tree), cwd=tree)
-    line = next(x for x in measured["output"].splitlines() if x.startswith("RESULT "))
-    rows = {r["label"]: r["total_ms"] for r in json.loads(line[len("RESULT ") :])["rows"]}
+    children = {name: PacedChild(command, tree) for name, tree in trees.items()}
+    try:
+        waiting = {name: child.wait() for name, child in children.items()}  # warm-ups done
+        while any(waiting.values()):
+            for name, child in children.items():
+                if waiting[name]:
+                    child.go()
+                    waiting[name] = child.wait()
+        peaks = {name: child.close() for name, child in children.items()}
+    finally:
+        for child in children.values():
+            if child.process.poll() is None:
+                child.process.kill()
     full, mlet = f"full d={config.dim}", f"mlet d={config.dim} k={config.hidden}"
+    timings = {}
+    for name, child in children.items():
+        rows = {r["label"]: r["total_ms"] for r in child.result["rows"]}
+        timings[name] = {"full_ms": rows[full], "mlet_ms": rows[mlet],
+                         "peak_rss_bytes": peaks[name]}  # fmt: skip
+    return timings
+
+
+def loop_speed(data: Path, config: TrainBenchConfig, trees: dict[str, Path | None]) -> dict:
+    """Steps/s of one epoch of `mlet train` (data loading included) for each trainer: the
+    median of `loop_repeats` epochs, the trainers taking turns."""
+    samples: dict = {name: {"full": [], "mlet": []} for name in trees}
+    for _ in range(config.loop_repeats):
+        for name, tree in trees.items():
+            for kind in ("full", "mlet"):
+                run = (config.work / f"loop-{kind}-{name}").resolve()
+                shutil.rmtree(run, ignore_errors=True)
+                command = train_args(data.resolve(), run, config, "--epochs", "1", embedding=kind)
+                subprocess.run(command, check=True, capture_output=True, env=tree_env(tree),
+                               cwd=tree)  # fmt: skip
+                samples[name][kind].append(read_json(run / "metrics.json")["steps_per_second"])
+                shutil.rmtree(run, ignore_errors=True)
     return {
-        "full_ms": rows[full],
-        "mlet_ms": rows[mlet],
-        "peak_rss_bytes": measured["peak_rss_bytes"],
+        name: {f"{kind}_steps_per_s": float(np.median(values)) for kind, values in kinds.items()}
+        for name, kinds in samples.items()
     }
-
-
-def loop_speed(data: Path, config: TrainBenchConfig, tree: Path | None) -> dict:
-    """Steps/s of one epoch of `mlet train` (data loading included) with the code at `tree`."""
-    speeds = {}
-    for kind in ("full", "mlet"):
-        run = (config.work / f"loop-{kind}-{'baseline' if tree else 'torchrec'}").resolve()
-        shutil.rmtree(run, ignore_errors=True)
-        command = train_args(data.resolve(), run, config, "--epochs", "1", embedding=kind)
-        subprocess.run(command, check=True, capture_output=True, env=tree_env(tree), cwd=tree)
-        speeds[f"{kind}_steps_per_s"] = read_json(run / "metrics.json")["steps_per_second"]
-        shutil.rmtree(run, ignore_errors=True)
-    return speeds
 
 
 def trained_bytes(table_sizes: tuple[int, ...], dim: int, hidden: int) -> dict:
@@ -218,12 +291,16 @@ def run_train_bench(config: TrainBenchConfig, out: Path) -> dict:
     sizes = (config.speed_rows,) * config.speed_tables
     data = synth(config.work / "speed-data", config.speed_data_rows, sizes, config.seed)
     results: dict = {"config": {k: str(v) for k, v in asdict(config).items() if k != "results"}}
-    print("timing this checkout's trainer ...", flush=True)
-    results["torchrec"] = {**time_steps(data, config, None), **loop_speed(data, config, None)}
+    trees: dict[str, Path | None] = {"torchrec": None}
     if config.baseline:
-        print(f"timing the trainer of {config.baseline} ...", flush=True)
-        tree = baseline_tree(config.work, config.baseline)
-        results["baseline"] = {**time_steps(data, config, tree), **loop_speed(data, config, tree)}
+        trees["baseline"] = baseline_tree(config.work, config.baseline)
+    print(f"timing the training step of {' and '.join(trees)}, in turns ...", flush=True)
+    steps = time_steps(data, config, trees)
+    print("timing one epoch of `mlet train` ...", flush=True)
+    loops = loop_speed(data, config, trees)
+    for name in trees:
+        results[name] = {**steps[name], **loops[name]}
+    if config.baseline:
         new, old = results["torchrec"], results["baseline"]
         for kind in ("full", "mlet"):
             results[f"{kind}_step_speedup"] = old[f"{kind}_ms"] / new[f"{kind}_ms"]
