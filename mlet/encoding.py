@@ -28,6 +28,8 @@ import pyarrow.compute as pc
 MISSING_ID = 0
 OOV_ID = 1
 FIRST_VOCAB_ID = 2
+# Below this many keys (a served request's) sorting the needles first costs more than it saves.
+FEW_KEYS = 64
 ENCODINGS = ("vocab", "hash")
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
@@ -324,9 +326,13 @@ class TableEncoder:
         vocabulary = self.vocabulary
         if len(vocabulary) == 0:
             return np.full(len(distinct), OOV_ID, np.int32)
-        order = np.argsort(distinct)  # sorted needles walk the vocabulary in order: cache-friendly
-        position = np.empty(len(distinct), np.int64)
-        position[order] = np.searchsorted(vocabulary, distinct[order])
+        if len(distinct) <= FEW_KEYS:
+            position = np.searchsorted(vocabulary, distinct)
+        else:
+            # sorted needles walk the vocabulary in order: cache-friendly
+            order = np.argsort(distinct)
+            position = np.empty(len(distinct), np.int64)
+            position[order] = np.searchsorted(vocabulary, distinct[order])
         position = np.minimum(position, len(vocabulary) - 1)
         found = vocabulary[position] == distinct
         return np.where(found, position + FIRST_VOCAB_ID, OOV_ID).astype(np.int32)

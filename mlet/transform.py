@@ -8,6 +8,7 @@ raw rows: the same `Transform.features` and `Transform.encode` run in both place
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,12 @@ class Features:
     dense: np.ndarray  # float32 [B, F], empty values 0
     keys: list[ColumnKeys]  # one per table
     empty_dense: np.ndarray  # int64 [F] empty values per dense column
-    empty_tables: np.ndarray  # int64 [T] rows without a value per table
+
+    @functools.cached_property
+    def empty_tables(self) -> np.ndarray:
+        """int64 [T] rows without a value per table: counted when asked, as conversion's
+        summary does and a served request never does."""
+        return np.array([k.empty_rows() for k in self.keys], np.int64)
 
 
 @dataclass
@@ -84,8 +90,7 @@ class Transform:
             hours = batch.column(fmt.hour).to_numpy(zero_copy_only=False)
             hour, weekday = with_column(fmt.hour, hour_keys, hours)
             keys += [small_keys(hour, 24, self.hotness), small_keys(weekday, 7, self.hotness)]
-        empty_tables = np.array([k.empty_rows() for k in keys], np.int64)
-        return Features(labels, dense, keys, empty_dense, empty_tables)
+        return Features(labels, dense, keys, empty_dense)
 
     def categorical_keys(self, batch: pa.RecordBatch) -> list[ColumnKeys]:
         """The keys of every categorical column, one ColumnKeys per table."""

@@ -90,6 +90,9 @@ class EnsembleScheduler:
         """`step_handle(model)` gives the loaded handle of a step model."""
         self.name = name
         self.steps = steps
+        # step model -> (its spec, validated_already): a step model's spec changes only when
+        # it is loaded again, and the check costs as much as a transform row otherwise
+        self._validated: dict[str, tuple[object, bool]] = {}
         self.spec = spec
         self.step_handle = step_handle
         self.config = BatchingConfig(
@@ -119,10 +122,7 @@ class EnsembleScheduler:
             self._running -= 1
             if self._running == 0:
                 self._idle.set()
-        self.stats.answered += 1
-        self.stats.executions += 1
-        self.stats.rows += rows
-        self.stats.batch_rows[rows] += 1
+        self.stats.record_execution(1, rows)
         return outputs, timing
 
     async def _run_steps(self, inputs: Arrays, rows: int, timeout_s: float | None):
@@ -147,12 +147,17 @@ class EnsembleScheduler:
     def validated_already(self, step: Step, spec) -> bool:
         """A step that reads the ensemble's own inputs, under their own names, as the same
         tensors: the request was validated against exactly these (the raw-row transform)."""
-        if not all(name == source for name, source in step.inputs.items()):
-            return False
+        cached = self._validated.get(step.model)
+        if cached is not None and cached[0] is spec:
+            return cached[1]
         own = {t.name: t for t in self.spec.inputs}
-        return len(spec.inputs) == len(step.inputs) and all(
-            own.get(t.name) == t for t in spec.inputs
+        same = (
+            all(name == source for name, source in step.inputs.items())
+            and len(spec.inputs) == len(step.inputs)
+            and all(own.get(t.name) == t for t in spec.inputs)
         )
+        self._validated[step.model] = (spec, same)
+        return same
 
     async def close(self) -> None:
         """Take no more requests; finish those already in their steps."""

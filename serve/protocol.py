@@ -71,8 +71,9 @@ def _parameters(obj: dict, where: str) -> dict:
 
 def _shape(tensor: dict, where: str) -> tuple[int, ...]:
     shape = _field(tensor, "shape", list, where)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InferenceError(f"{where}: 'shape' must be a list of non-negative integers")
+    for d in shape:  # a loop, not all(): a raw row has dozens of 2-long shapes
+        if type(d) is not int or d < 0:  # type(), not isinstance(): True is no dimension
+            raise InferenceError(f"{where}: 'shape' must be a list of non-negative integers")
     return tuple(shape)
 
 
@@ -100,6 +101,9 @@ def _json_array(values, datatype: str, shape: tuple[int, ...], where: str) -> np
 
 def _json_strings(values, shape: tuple[int, ...], where: str) -> np.ndarray:
     """A BYTES tensor from JSON: (nested lists of) strings, as UTF-8 bytes elements."""
+    single = _single_string(values)
+    if single is not None and math.prod(shape) == 1:  # a raw row's column: one value
+        return bytes_array([single.encode()], shape)
     flat = _flattened(values, len(shape), where)
     if len(flat) != math.prod(shape):
         raise InferenceError(
@@ -109,6 +113,17 @@ def _json_strings(values, shape: tuple[int, ...], where: str) -> np.ndarray:
     if not all(isinstance(v, str) for v in flat):
         raise InferenceError(f"{where}: 'data' must hold strings for datatype BYTES")
     return bytes_array([v.encode() for v in flat], shape)
+
+
+def _single_string(values) -> str | None:
+    """The string of data ["s"] or [["s"]], else None (for the general path)."""
+    if type(values) is list and len(values) == 1:
+        value = values[0]
+        if type(value) is list and len(value) == 1:
+            value = value[0]
+        if type(value) is str:
+            return value
+    return None
 
 
 def _flattened(values, depth: int, where: str) -> list:
