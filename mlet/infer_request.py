@@ -187,6 +187,29 @@ def http_body(
     return header + b"".join(blobs), headers
 
 
+def http_infer(
+    url: str, model: str, body: bytes, headers: dict, timeout_s: float, what: str = "infer"
+) -> bytes:
+    """One HTTP infer request's answer; a refusal raises with the model and the server's words."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
+    request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        reply = e.read()[:500].decode(errors="replace")
+        raise RuntimeError(
+            f"{what} request to model {model!r} at {endpoint} failed: HTTP {e.code}: {reply}"
+        ) from e
+    except urllib.error.URLError as e:
+        raise RuntimeError(
+            f"{what} request to model {model!r} at {endpoint} failed: {e.reason}"
+        ) from e
+
+
 def json_output(answer: bytes, name: str, where: str) -> np.ndarray:
     """Output `name` of an infer answer in JSON, shaped as answered."""
     outputs = {o.get("name"): o for o in orjson.loads(answer).get("outputs", [])}

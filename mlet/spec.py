@@ -51,8 +51,23 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.shape]}
 
 
+class NamedTensors:
+    """The input and output names of a spec that has `inputs` and `outputs` tensors."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
 @dataclass(frozen=True)
-class ExportSpec:
+class ExportSpec(NamedTensors):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     table_rows: tuple[int, ...]
@@ -62,14 +77,6 @@ class ExportSpec:
     max_queue_delay_us: int = 500
     opset: int = OPSET
     tolerance: float = 1e-4
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
 
     @property
     def sparse_input(self) -> TensorSpec:

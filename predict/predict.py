@@ -16,8 +16,6 @@ import contextlib
 import os
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +35,7 @@ from mlet.infer_request import (
     grpc_request,
     grpc_stub,
     http_body,
+    http_infer,
     json_output,
     spec_tensors,
 )
@@ -107,18 +106,8 @@ def remote_infer(config: PredictConfig):
 
 def http_infer_function(url: str, timeout_s: float):
     def infer(model: str, tensors: list[InputTensor]) -> np.ndarray:
-        endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
-        body, headers = http_body(tensors, binary=True)
-        request = urllib.request.Request(endpoint, data=body, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                answer = response.read()
-        except urllib.error.HTTPError as e:
-            reply = e.read().decode(errors="replace")[:500]
-            raise RuntimeError(f"model {model!r} at {endpoint}: HTTP {e.code}: {reply}") from e
-        except urllib.error.URLError as e:
-            raise RuntimeError(f"model {model!r} at {endpoint}: {e.reason}") from e
-        return json_output(answer, PROBABILITY, f"model {model!r} at {endpoint}")
+        answer = http_infer(url, model, *http_body(tensors, binary=True), timeout_s)
+        return json_output(answer, PROBABILITY, f"model {model!r} at {url}")
 
     return infer
 

@@ -85,6 +85,13 @@ class BatchStats:
     cancelled: int = 0  # left the queue because their caller gave up
     batch_rows: Counter = field(default_factory=Counter)  # rows per execution -> count
 
+    def record_execution(self, requests: int, rows: int) -> None:
+        """One execution that answered `requests` requests of `rows` rows in all."""
+        self.executions += 1
+        self.answered += requests
+        self.rows += rows
+        self.batch_rows[rows] += 1
+
 
 @dataclass
 class Timing:
@@ -374,9 +381,6 @@ class DynamicBatcher:
                 pending.future.set_result((answer, timing))
 
     def _record(self, batch: list[_Pending], rows: int, started: float, compute: float) -> None:
-        self.stats.executions += 1
-        self.stats.answered += len(batch)
-        self.stats.rows += rows
-        self.stats.batch_rows[rows] += 1
+        self.stats.record_execution(len(batch), rows)
         if self.observe is not None:
             self.observe(rows, compute, [started - p.arrival for p in batch])

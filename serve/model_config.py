@@ -12,7 +12,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from mlet.spec import DATATYPES, TensorSpec
+from mlet.spec import DATATYPES, NamedTensors, TensorSpec
 
 CONFIG_FILE = "config.pbtxt"
 PYTHON_BACKEND = "python"  # Triton's Python backend: served here for transform steps only
@@ -80,21 +80,13 @@ def serving_defaults(config: model_config_pb2.ModelConfig, where: str = "") -> S
 
 
 @dataclass(frozen=True)
-class ConfigSpec:
+class ConfigSpec(NamedTensors):
     """The shape contract of a model that has a config.pbtxt but no export manifest (an
     ensemble, a raw-row transform step): what validation and metadata read of a spec."""
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
 
 
 def config_datatype(data_type: int, where: str) -> str:

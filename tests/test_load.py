@@ -48,5 +48,5 @@ def test_warm_up_names_the_server_reply_when_a_request_fails(tiny_repo):
     spec = open_model(tiny_repo / "mlet").manifest.spec
     with running_server(tiny_repo, ["mlet"]) as (url, _):
         warm_up(url, "mlet", spec, LoadConfig(rows=3, binary=True))
-        with pytest.raises(RuntimeError, match="warm-up request to full failed: HTTP 404"):
+        with pytest.raises(RuntimeError, match="warm-up request to model 'full' .* HTTP 404"):
             warm_up(url, "full", spec, LoadConfig())  # a model this server does not load

@@ -13,7 +13,6 @@ import resource
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from bench.load.request_bodies import (
 from bench.load.servers import Engine, running_engine
 from bench.stats import unmeasured_as_null
 from mlet.files import write_json
-from mlet.infer_request import grpc_infer, grpc_request, grpc_stub, http_body
+from mlet.infer_request import grpc_infer, grpc_request, grpc_stub, http_body, http_infer
 from mlet.markdown import markdown_table
 from mlet.repository import open_model, require_models
 from mlet.spec import ExportSpec
@@ -223,15 +222,7 @@ def post_infer(
     url: str, model: str, body: bytes, headers: dict, timeout=WARM_UP_TIMEOUT_S, what="infer"
 ) -> bytes:
     """One infer request; an error reply raises with the server's words."""
-    request = urllib.request.Request(
-        f"{url}/v2/models/{model}/infer", data=body, headers=headers, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-    except urllib.error.HTTPError as e:
-        reply = e.read()[:300].decode(errors="replace")
-        raise RuntimeError(f"{what} request to {model} failed: HTTP {e.code}: {reply}") from e
+    return http_infer(url, model, body, headers, timeout, what)
 
 
 def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
