@@ -39,15 +39,15 @@ def test_pairwise_dots_gradient_equals_autograd_of_the_plain_ops():
     model = DLRM(build_config(1, [3] * 5, "full", dim=4))
     torch.manual_seed(0)
     vectors = torch.randn(7, 6, 4, dtype=torch.float64, requires_grad=True)
-    index, mirror = model.interaction_index, model.interaction_mirror
+    index = model.interaction_index
     grad = torch.randn(7, len(index), dtype=torch.float64)
     plain = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1).index_select(1, index)
     (expected,) = torch.autograd.grad(plain, vectors, grad)
-    fused = PairwiseDots.apply(vectors, index, mirror)
+    fused = PairwiseDots.apply(vectors, index)
     (got,) = torch.autograd.grad(fused, vectors, grad)
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(got, expected)
-    assert torch.autograd.gradcheck(lambda v: PairwiseDots.apply(v, index, mirror), vectors[:2])
+    assert torch.autograd.gradcheck(lambda v: PairwiseDots.apply(v, index), vectors[:2])
 
 
 def test_config_round_trip_and_validation():
