@@ -114,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue_rows=args.max_queue_rows,
         timeout_s=args.request_timeout or None,
         inline_rows=args.inline_rows,
+        transform_inline=args.grpc_port is None,
     )
     if args.repo is None and not args.torch_run:
         raise ValueError("give a model repository (--repo) or a run (--torch-run NAME=RUN)")

@@ -7,6 +7,7 @@ ensemble over HTTP with BYTES inputs, in JSON and in binary form.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import urllib.error
@@ -483,3 +484,17 @@ def test_a_few_rows_get_the_ids_the_whole_file_gets(datasets, name):
         part = transform.features(batch.slice(start, 7), "part", start)
         np.testing.assert_array_equal(transform.encode(part.keys), ids[start : start + 7])
         np.testing.assert_array_equal(part.dense, whole.dense[start : start + 7])
+
+
+def test_a_transform_step_runs_off_the_event_loop_when_grpc_is_served(exported):
+    """gRPC calls arrive only while the event loop is free: with gRPC on, the transform's
+    batches go to their own thread; HTTP alone runs them on the loop like small batches."""
+    from serve.dataplane import BatchingOverrides, DataPlane, PlaneConfig
+
+    for transform_inline, expected in ((True, 64), (False, 0)):
+        batching = BatchingOverrides(transform_inline=transform_inline)
+        plane = DataPlane(exported, PlaneConfig(batching=batching))
+        plane.load_all(["criteo", "criteo-transform"])
+        assert plane.model("criteo-transform").batcher.config.inline_rows == expected
+        assert plane.model("criteo").batcher.config.inline_rows == 64
+        asyncio.run(plane.close())
