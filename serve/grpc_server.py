@@ -72,6 +72,10 @@ CONTENTS_FIELDS = {
 }
 # gRPC's option is a C int: a larger --max-body-bytes means "no smaller bound than this".
 MAX_MESSAGE_BYTES = 2**31 - 1
+# A request leaves the queue this long before its client's deadline, so that the server's
+# refusal (DEADLINE_EXCEEDED, saying how long it waited) ends the call rather than the
+# client giving up at the same instant.
+DEADLINE_MARGIN_S = 0.01
 SHARED_MEMORY = "shared-memory tensors are not supported; send the tensors in the request"
 
 
@@ -122,12 +126,13 @@ def typed_array(tensor, shape: tuple[int, ...], where: str) -> np.ndarray:
 
 def input_tensor(tensor, raw: bytes | None, index: int) -> RequestTensor:
     """One input of a ModelInferRequest, its values from `raw` when given, else `contents`."""
-    if not tensor.name:
+    # each field read of a protobuf message builds a new Python object: read each once
+    name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
+    if not name:
         raise InferenceError(f"inputs[{index}]: missing 'name'")
-    where = f"input '{tensor.name}'"
-    if tensor.datatype not in DATATYPES:
-        raise InferenceError(f"{where}: unsupported datatype {tensor.datatype!r}")
-    shape = tuple(tensor.shape)
+    where = f"input '{name}'"
+    if datatype not in DATATYPES:
+        raise InferenceError(f"{where}: unsupported datatype {datatype!r}")
     if any(d < 0 for d in shape):
         raise InferenceError(f"{where}: 'shape' must be non-negative integers, got {list(shape)}")
     if raw is None:
@@ -135,8 +140,8 @@ def input_tensor(tensor, raw: bytes | None, index: int) -> RequestTensor:
     elif tensor.HasField("contents"):
         raise InferenceError(f"{where}: values in both 'contents' and raw_input_contents")
     else:
-        data = binary_array(memoryview(raw), tensor.datatype, shape, where)
-    return RequestTensor(tensor.name, tensor.datatype, shape, data)
+        data = binary_array(memoryview(raw), datatype, shape, where)
+    return RequestTensor(name, datatype, shape, data)
 
 
 def infer_request(message: pb.ModelInferRequest) -> InferRequest:
@@ -165,6 +170,12 @@ def infer_request(message: pb.ModelInferRequest) -> InferRequest:
 def decode_message(spec, message: pb.ModelInferRequest) -> Decoded:
     """What serve.dataplane.decode_and_validate is to an HTTP body, for a gRPC message."""
     return validated(spec, infer_request(message))
+
+
+def queue_deadline(remaining: float | None) -> float | None:
+    """How long a call may wait in the queue: its deadline's remainder, less a margin
+    (None when the client set no deadline)."""
+    return None if remaining is None else max(remaining - DEADLINE_MARGIN_S, 0.0)
 
 
 def typed_bytes(message: pb.ModelInferRequest) -> int:
@@ -314,7 +325,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             request.model_version or None,
             decode,
             infer_response,
-            deadline_s=context.time_remaining(),  # None when the client set no deadline
+            deadline_s=queue_deadline(context.time_remaining()),
         )
 
     @answers_refusals
