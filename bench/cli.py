@@ -246,14 +246,12 @@ def compare_config(args: argparse.Namespace):
 
 def cmd_bench_load(args: argparse.Namespace) -> None:
     if args.sweep:
-        from bench.load.sweep import SweepConfig, run_sweep_command
+        from bench.load.sweep import SweepConfig, request_kinds, run_sweep_command
 
-        if args.protocol != "http" or args.raw:
-            raise SystemExit("--sweep loads id requests over HTTP: drop --protocol grpc / --raw")
-
-        config = SweepConfig(duration=args.duration, repetitions=args.repetitions,
-                             locust_processes=args.locust_processes,
-                             engine=bench_engine(args))  # fmt: skip
+        config = SweepConfig(kinds=request_kinds(args.protocol, args.raw), duration=args.duration,
+                             repetitions=args.repetitions, locust_processes=args.locust_processes,
+                             engine=bench_engine(args), protocol=args.protocol,
+                             raw=args.raw)  # fmt: skip
         print(f"wrote {run_sweep_command(args.repo, args.models, config, Path(args.out))}")
         return
     from bench.load.load_test import LoadConfig, run_load

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -50,3 +51,17 @@ def test_warm_up_names_the_server_reply_when_a_request_fails(tiny_repo):
         warm_up(url, "mlet", spec, LoadConfig(rows=3, binary=True))
         with pytest.raises(RuntimeError, match="warm-up request to model 'full' .* HTTP 404"):
             warm_up(url, "full", spec, LoadConfig())  # a model this server does not load
+
+
+def test_a_sweep_over_grpc_steps_its_users_without_failures(tiny_repo, tmp_path):
+    from bench.load.sweep import SweepConfig, request_kinds, run_sweep
+
+    kinds = tuple(replace(kind, users=(1, 2)) for kind in request_kinds("grpc"))
+    config = SweepConfig(kinds=kinds, duration=2, repetitions=1, protocol="grpc",
+                         saturation_gain=-1.0)  # fmt: skip
+    (summary,) = run_sweep(tiny_repo, ["mlet"], config, tmp_path)
+    assert summary["protocol"] == "grpc" and summary["called"] == "mlet"
+    assert list(summary["curves"]) == ["1-row gRPC", "256-row gRPC"]
+    for steps in summary["curves"].values():
+        assert [s["users"] for s in steps] == [1, 2]
+        assert all(s["failures"] == 0 and s["requests_per_s"]["median"] > 0 for s in steps)

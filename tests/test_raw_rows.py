@@ -498,3 +498,17 @@ def test_a_transform_step_runs_off_the_event_loop_when_grpc_is_served(exported):
         assert plane.model("criteo-transform").batcher.config.inline_rows == expected
         assert plane.model("criteo").batcher.config.inline_rows == 64
         asyncio.run(plane.close())
+
+
+def test_a_raw_row_sweep_calls_the_raw_model(exported, tmp_path):
+    from dataclasses import replace
+
+    from bench.load.sweep import SweepConfig, request_kinds, run_sweep
+
+    kinds = tuple(replace(kind, users=(1,)) for kind in request_kinds("http", raw=True))
+    config = SweepConfig(kinds=kinds, duration=2, repetitions=1, raw=True)
+    (summary,) = run_sweep(exported, ["criteo"], config, tmp_path)
+    assert summary["called"] == "criteo-raw"
+    assert list(summary["curves"]) == ["1-row raw JSON", "64-row raw binary"]
+    for (step,) in summary["curves"].values():
+        assert step["failures"] == 0 and step["requests_per_s"]["median"] > 0

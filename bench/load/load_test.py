@@ -7,6 +7,7 @@ duration.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import resource
@@ -225,23 +226,31 @@ def post_infer(
     return http_infer(url, model, body, headers, timeout, what)
 
 
-def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
-    """One model's load: `model`, or with config.raw its NAME-raw, over config.protocol."""
-    manifest = open_model(repo / model).manifest
-    engine, called = config.engine, served_name(repo / model, config.raw)
+@contextlib.contextmanager
+def served_for_load(repo: Path, model: str, config: LoadConfig):
+    """config.engine serving what a load on `model` calls (with config.raw its NAME-raw and
+    steps; over gRPC with a gRPC port): yields (url, server process, where the load goes)."""
+    engine = config.engine
     grpc_port = free_port() if config.protocol == "grpc" and engine.url is None else None
     with running_engine(
         engine, repo, served_models(model, config.raw), *config.server_args,
         timeout=config.ready_timeout, grpc_port=grpc_port,
     ) as (url, server):  # fmt: skip
-        target = engine.grpc_address(grpc_port) if config.protocol == "grpc" else url
+        yield url, server, engine.grpc_address(grpc_port) if config.protocol == "grpc" else url
+
+
+def load_test_model(repo: Path, model: str, config: LoadConfig, out: Path) -> dict:
+    """One model's load: `model`, or with config.raw its NAME-raw, over config.protocol."""
+    manifest = open_model(repo / model).manifest
+    called = served_name(repo / model, config.raw)
+    with served_for_load(repo, model, config) as (url, server, target):
         rss_loaded = server.memory_info().rss
         warm_up_folder(target, repo / model, config)
         prefix = out / f"locust-{called}"
         step = load_step(url, server, called, repo / model, config, prefix, target)
     return {
         "model": called,
-        "engine": engine.describe(),
+        "engine": config.engine.describe(),
         **step,
         "model_bytes": manifest.model_bytes,
         "embedding_bytes": manifest.embedding_bytes,

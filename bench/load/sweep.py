@@ -8,11 +8,12 @@ client's latency. Repetitions are interleaved across models.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bench.load.load_test import LoadConfig, load_step, warm_up
-from bench.load.servers import Engine, running_engine
+from bench.load.load_test import LoadConfig, load_step, served_for_load, warm_up_folder
+from bench.load.request_bodies import require_raw_models, served_name
+from bench.load.servers import Engine
 from bench.stats import median_and_spread, unmeasured_as_null
 from mlet.files import write_json
 from mlet.repository import open_model
@@ -31,10 +32,24 @@ class RequestKind:
     users: tuple[int, ...]
 
 
+SMALL_USERS, LARGE_USERS = (1, 4, 16, 64, 128), (1, 2, 4, 8, 16, 32)
 DEFAULT_KINDS = (
-    RequestKind("1-row JSON", rows=1, binary=False, users=(1, 4, 16, 64, 128)),
-    RequestKind("256-row binary", rows=256, binary=True, users=(1, 2, 4, 8, 16, 32)),
+    RequestKind("1-row JSON", rows=1, binary=False, users=SMALL_USERS),
+    RequestKind("256-row binary", rows=256, binary=True, users=LARGE_USERS),
 )
+
+
+def request_kinds(protocol: str = "http", raw: bool = False) -> tuple[RequestKind, ...]:
+    """The default kinds of a sweep over `protocol`: ids, or (raw) logged columns, whose
+    large requests are 64 rows (a client's page of impressions, say)."""
+    if protocol == "http" and not raw:
+        return DEFAULT_KINDS
+    small, large = ("JSON", "binary") if protocol == "http" else ("gRPC", "gRPC")
+    what, rows = ("raw ", 64) if raw else ("", 256)
+    return (
+        RequestKind(f"1-row {what}{small}", rows=1, binary=False, users=SMALL_USERS),
+        RequestKind(f"{rows}-row {what}{large}", rows=rows, binary=True, users=LARGE_USERS),
+    )
 
 
 @dataclass
@@ -47,6 +62,8 @@ class SweepConfig:
     server_args: tuple[str, ...] = ()
     engine: Engine = field(default_factory=Engine)
     reference_users: int = 16  # the 1-row step whose p99 the headline compares
+    protocol: str = "http"  # http | grpc (Locust's gRPC user)
+    raw: bool = False  # logged columns to NAME-raw instead of ids to NAME
 
 
 def saturated(previous: dict | None, current: dict, gain: float) -> bool:
@@ -63,23 +80,23 @@ def sweep_once(
 ) -> dict:
     """Every step of every request kind against one server process: until saturation, or
     through the users `planned` per kind (those a first pass stepped through)."""
-    spec = open_model(repo / model).manifest.spec
     curves = {}
-    with running_engine(config.engine, repo, [model], *config.server_args) as (url, server):
+    called = served_name(repo / model, config.raw)
+    served = LoadConfig(engine=config.engine, server_args=config.server_args,
+                        protocol=config.protocol, raw=config.raw)  # fmt: skip
+    with served_for_load(repo, model, served) as (url, server, target):
         rss_loaded = server.memory_info().rss
         for kind in config.kinds:
             steps, previous = [], None
-            warm_up(url, model, spec, LoadConfig(rows=kind.rows, binary=kind.binary))
+            warm_up_folder(target, repo / model, replace(served, rows=kind.rows,
+                                                         binary=kind.binary))  # fmt: skip
             for users in kind.users if planned is None else planned[kind.name]:
-                load = LoadConfig(
-                    users=users,
-                    duration=config.duration,
-                    rows=kind.rows,
-                    binary=kind.binary,
-                    locust_processes=config.locust_processes,
-                )
-                prefix = out / f"{model}-{kind.rows}rows-{users}users"
-                step = load_step(url, server, model, repo / model, load, prefix)
+                load = replace(
+                    served, users=users, duration=config.duration, rows=kind.rows,
+                    binary=kind.binary, locust_processes=config.locust_processes,
+                )  # fmt: skip
+                prefix = out / f"{called}-{kind.rows}rows-{users}users"
+                step = load_step(url, server, called, repo / model, load, prefix, target)
                 steps.append(step)
                 if planned is None and saturated(previous, step, config.saturation_gain):
                     break
@@ -109,6 +126,8 @@ def run_sweep(
 
 def run_sweep_command(repo: str | Path, models: list[str], config: SweepConfig, out: Path) -> Path:
     """`mlet bench load --sweep`: Locust's files under out/locust, the summaries in sweep.json."""
+    if config.raw:
+        require_raw_models(Path(repo), models)
     path = out / "sweep.json"
     write_json(path, unmeasured_as_null(run_sweep(repo, models, config, out / "locust")))
     return path
@@ -133,6 +152,8 @@ def summarise(repo: Path, model: str, runs: list[dict], config: SweepConfig) -> 
         curves[kind.name] = steps
     return {
         "model": model,
+        "called": served_name(repo / model, config.raw),
+        "protocol": config.protocol,
         "engine": config.engine.describe(),
         "model_bytes": manifest.model_bytes,
         "embedding_bytes": manifest.embedding_bytes,
