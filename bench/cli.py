@@ -57,6 +57,8 @@ def add_parser(stages) -> None:
     serve_bench.add_argument("--large-users", type=int, default=32)
     serve_bench.add_argument("--duration", type=float, default=15.0, help="seconds per run")
     serve_bench.add_argument("--repetitions", type=int, default=3)
+    serve_bench.add_argument("--protocol", choices=["http", "grpc"], default="http",
+                             help="KServe v2 over HTTP or gRPC (Locust's users)")  # fmt: skip
     serve_bench.add_argument("--out", required=True, help="results folder")
     serve_bench.set_defaults(handler=cmd_bench_serve)
 
@@ -305,6 +307,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         duration=args.duration,
         repetitions=args.repetitions,
         engine=bench_engine(args),
+        protocol=args.protocol,
     )
     run_serve_bench(args.repo, args.model, config, args.out)
     print((Path(args.out) / "serve.md").read_text())

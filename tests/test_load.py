@@ -65,3 +65,14 @@ def test_a_sweep_over_grpc_steps_its_users_without_failures(tiny_repo, tmp_path)
     for steps in summary["curves"].values():
         assert [s["users"] for s in steps] == [1, 2]
         assert all(s["failures"] == 0 and s["requests_per_s"]["median"] > 0 for s in steps)
+
+
+def test_serve_bench_over_grpc_compares_batching_and_the_in_process_rate(tiny_repo, tmp_path):
+    config = ServeBenchConfig(small_users=4, large_rows=32, large_users=2, duration=2,
+                              repetitions=1, protocol="grpc")  # fmt: skip
+    summary = run_serve_bench(tiny_repo, "mlet", config, tmp_path)["summary"]
+    assert summary["failures"] == 0 and summary["batching_speedup"] > 0
+    assert summary["binary_fraction_of_inprocess"] > 0
+    text = (tmp_path / "serve.md").read_text()
+    assert "## 1-row gRPC requests" in text and "server, gRPC" in text
+    assert "server, JSON" not in text

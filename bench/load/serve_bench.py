@@ -1,8 +1,8 @@
 """`mlet bench serve`: the serving comparisons, side by side in one run on one machine.
 
-1. 1-row JSON requests from many users: dynamic batching on against off.
-2. N-row requests (binary tensors and JSON): the server's rows/s against ONNX Runtime's
-   rows/s in-process at the same batch size.
+1. 1-row requests (JSON, or gRPC) from many users: dynamic batching on against off.
+2. N-row requests (binary tensors and JSON, or gRPC's raw contents): the server's rows/s
+   against ONNX Runtime's rows/s in-process at the same batch size.
 Each configuration runs `repetitions` times, interleaved, and the median is reported with
 its spread, so slow drift of the machine hits every configuration alike.
 """
@@ -31,6 +31,11 @@ class ServeBenchConfig:
     repetitions: int = 3
     # Another engine's batching comes from config.pbtxt: only "on" is measured there.
     engine: Engine = field(default_factory=Engine)
+    protocol: str = "http"  # http | grpc (Locust's gRPC user; no JSON there)
+
+    @property
+    def small_kind(self) -> str:
+        return "JSON" if self.protocol == "http" else "gRPC"
 
 
 def run_serve_bench(
@@ -38,19 +43,19 @@ def run_serve_bench(
 ) -> dict:
     repo, out = Path(repo), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ours, engine = config.engine.name == "mlet", config.engine
+    ours, engine, protocol = config.engine.name == "mlet", config.engine, config.protocol
     scenarios = {
         "small_batching_on": LoadConfig(
             users=config.small_users, duration=config.duration, engine=engine,
-            server_args=("--batching", "on") if ours else (),
+            server_args=("--batching", "on") if ours else (), protocol=protocol,
         ),
         "small_batching_off": LoadConfig(
             users=config.small_users, duration=config.duration, engine=engine,
-            server_args=("--batching", "off"),
+            server_args=("--batching", "off"), protocol=protocol,
         ),
         "large_binary": LoadConfig(
             users=config.large_users, duration=config.duration, rows=config.large_rows,
-            binary=True, engine=engine,
+            binary=True, engine=engine, protocol=protocol,
         ),
         "large_json": LoadConfig(
             users=config.large_users, duration=config.duration, rows=config.large_rows,
@@ -59,6 +64,8 @@ def run_serve_bench(
     }  # fmt: skip
     if not ours:
         del scenarios["small_batching_off"]
+    if protocol == "grpc":
+        del scenarios["large_json"]  # gRPC has one way to send tensors
     runs: dict[str, list[dict]] = {name: [] for name in scenarios}
     inprocess = []
     for repetition in range(config.repetitions):
@@ -129,10 +136,10 @@ def serve_markdown(model: str, config: ServeBenchConfig, s: dict) -> str:
         [
             [f"ONNX Runtime in-process, batch {config.large_rows}",
              cell(s["inprocess_rows_per_s"]), "1.00"],
-            ["server, binary tensors", cell(s["server_binary_rows_per_s"]),
-             f"{s['binary_fraction_of_inprocess']:.2f}"],
-            ["server, JSON", cell(s["server_json_rows_per_s"]),
-             f"{s['json_fraction_of_inprocess']:.2f}"],
+            ["server, binary tensors" if config.protocol == "http" else "server, gRPC",
+             cell(s["server_binary_rows_per_s"]), f"{s['binary_fraction_of_inprocess']:.2f}"],
+            *([["server, JSON", cell(s["server_json_rows_per_s"]),
+                f"{s['json_fraction_of_inprocess']:.2f}"]] if config.protocol == "http" else []),
         ],
         "lrr",
     )  # fmt: skip
@@ -145,7 +152,7 @@ def serve_markdown(model: str, config: ServeBenchConfig, s: dict) -> str:
             f"Median of {config.repetitions} interleaved repetitions of {config.duration:g} s "
             "(± is the spread, max - min over median). Load generator on the same machine.",
             "",
-            f"## 1-row JSON requests, {config.small_users} users",
+            f"## 1-row {config.small_kind} requests, {config.small_users} users",
             "",
             batching,
             "",
