@@ -72,9 +72,9 @@ CONTENTS_FIELDS = {
 }
 # gRPC's option is a C int: a larger --max-body-bytes means "no smaller bound than this".
 MAX_MESSAGE_BYTES = 2**31 - 1
-# A request leaves the queue this long before its client's deadline, so that the server's
-# refusal (DEADLINE_EXCEEDED, saying how long it waited) ends the call rather than the
-# client giving up at the same instant.
+# A request leaves the queue this long (at most a tenth of its time) before its client's
+# deadline, so that the server's refusal (DEADLINE_EXCEEDED, saying how long it waited)
+# ends the call rather than the client giving up at the same instant.
 DEADLINE_MARGIN_S = 0.01
 SHARED_MEMORY = "shared-memory tensors are not supported; send the tensors in the request"
 
@@ -175,7 +175,9 @@ def decode_message(spec, message: pb.ModelInferRequest) -> Decoded:
 def queue_deadline(remaining: float | None) -> float | None:
     """How long a call may wait in the queue: its deadline's remainder, less a margin
     (None when the client set no deadline)."""
-    return None if remaining is None else max(remaining - DEADLINE_MARGIN_S, 0.0)
+    if remaining is None:
+        return None
+    return max(remaining - min(DEADLINE_MARGIN_S, remaining / 10), 0.0)
 
 
 def typed_bytes(message: pb.ModelInferRequest) -> int:

@@ -101,7 +101,7 @@ def _json_array(values, datatype: str, shape: tuple[int, ...], where: str) -> np
 
 def _json_strings(values, shape: tuple[int, ...], where: str) -> np.ndarray:
     """A BYTES tensor from JSON: (nested lists of) strings, as UTF-8 bytes elements."""
-    single = _single_string(values)
+    single = _single_string(values, len(shape))
     if single is not None and math.prod(shape) == 1:  # a raw row's column: one value
         return bytes_array([single.encode()], shape)
     flat = _flattened(values, len(shape), where)
@@ -115,11 +115,12 @@ def _json_strings(values, shape: tuple[int, ...], where: str) -> np.ndarray:
     return bytes_array([v.encode() for v in flat], shape)
 
 
-def _single_string(values) -> str | None:
-    """The string of data ["s"] or [["s"]], else None (for the general path)."""
+def _single_string(values, depth: int) -> str | None:
+    """The string of data ["s"], or [["s"]] for a tensor of 2 dimensions or more, else None
+    (for the general path)."""
     if type(values) is list and len(values) == 1:
         value = values[0]
-        if type(value) is list and len(value) == 1:
+        if type(value) is list and len(value) == 1 and depth > 1:
             value = value[0]
         if type(value) is str:
             return value

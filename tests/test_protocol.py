@@ -201,3 +201,32 @@ def test_client_mistakes_are_client_errors(request_body, message):
     with pytest.raises(InferenceError, match=re.escape(message)) as error:
         decode_request(orjson.dumps(request_body))
     assert error.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "expected"),
+    [
+        ([1, 1], [["a8"]], [[b"a8"]]),  # a raw row's column, nested
+        ([1, 1], ["a8"], [[b"a8"]]),  # and flat
+        ([1], ["a8"], [b"a8"]),
+        ([2, 1], [["a"], ["b"]], [[b"a"], [b"b"]]),
+    ],
+)
+def test_json_bytes_tensors_decode_nested_or_flat(shape, data, expected):
+    body = {"inputs": [{"name": "C1", "datatype": "BYTES", "shape": shape, "data": data}]}
+    (tensor,) = decode_request(orjson.dumps(body)).inputs
+    assert tensor.data.dtype == object and tensor.data.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "message"),
+    [
+        ([1], [["a8"]], "must hold strings"),  # nested deeper than its shape
+        ([1, 1], [[7]], "must hold strings"),
+        ([1, 2], [["a"]], "holds 1 values but shape"),
+    ],
+)
+def test_json_bytes_tensors_refuse_what_their_shape_does_not_hold(shape, data, message):
+    body = {"inputs": [{"name": "C1", "datatype": "BYTES", "shape": shape, "data": data}]}
+    with pytest.raises(InferenceError, match=message):
+        decode_request(orjson.dumps(body))
