@@ -48,7 +48,8 @@ def add_parser(stages) -> None:
     batching.add_argument("--max-queue-rows", type=int, default=65536, help="503 above this")
     batching.add_argument(
         "--inline-rows", type=int, default=64,
-        help="batches of at most this many rows run on the event loop, not a thread (0: none)",
+        help="batches of at most this many rows run on the event loop, not a thread (0: none;"
+        " with --grpc-port a raw-row transform step's never do)",
     )  # fmt: skip
     batching.add_argument(
         "--request-timeout", type=float, default=10.0, help="seconds a request may wait (0: none)"

@@ -111,6 +111,7 @@ MUTATIONS = (
     "top_level",
     "outputs",
     "extra_input",
+    "surrogate",
 )
 
 
@@ -149,6 +150,12 @@ def mutate(spec: ExportSpec, draw, request: dict, blobs: list[bytes], binary: bo
         request["outputs"] = draw(JSON_VALUES)
     elif name == "extra_input":
         request["inputs"].append(dict(tensor))
+    elif name == "surrogate":  # a lone surrogate, which JSON's escapes spell and UTF-8 cannot
+        text = draw(st.sampled_from(["\ud800", "x\udfff"]))
+        if draw(st.booleans()):
+            request["id"] = text  # the answer repeats the id
+        else:
+            tensor["name"] = text
     return name, request, blobs, binary, header_length
 
 

@@ -42,7 +42,8 @@ from serve.protocol import HEADER_LENGTH
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 # Codes that say the server failed rather than refused: none may answer a fuzzed request.
 SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
-FAULTS = ("drop_column", "extra_column", "datatype", "batch_size", "length_prefix", "numbers")
+FAULTS = ("drop_column", "extra_column", "datatype", "batch_size", "length_prefix", "numbers",
+          "surrogate")  # fmt: skip
 HEX = "0123456789abcdef"
 
 
@@ -152,6 +153,9 @@ def with_fault(entries: list[dict], blobs: list[bytes], fault: str | None, binar
         if binary:
             blobs = blobs[:index] + blobs[index + 1 :]
         entry["data"] = list(range(math.prod(entry["shape"])))
+    elif fault == "surrogate" and not binary and entry["datatype"] == "BYTES":
+        # JSON's escapes spell a lone surrogate, a str that has no UTF-8
+        entry["data"] = [draw(st.sampled_from(["\ud800", "a\udfff"])), *entry["data"][1:]]
     else:  # the fault does not apply to this tensor: drop it instead
         return with_fault(entries, blobs, "drop_column", binary, draw)
     return entries, blobs

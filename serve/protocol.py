@@ -27,6 +27,9 @@ class InferenceError(Exception):
     """A request the server refuses; `status` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 400, headers: dict | None = None) -> None:
+        # A message may quote what the client sent, a lone surrogate included (JSON's
+        # escapes spell one): written as its escape, it stays text that every answer holds.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.message = message
         self.status = status
@@ -103,7 +106,7 @@ def _json_strings(values, shape: tuple[int, ...], where: str) -> np.ndarray:
     """A BYTES tensor from JSON: (nested lists of) strings, as UTF-8 bytes elements."""
     single = _single_string(values, len(shape))
     if single is not None and math.prod(shape) == 1:  # a raw row's column: one value
-        return bytes_array([single.encode()], shape)
+        return bytes_array(_utf8([single], f"{where}: 'data'"), shape)
     flat = _flattened(values, len(shape), where)
     if len(flat) != math.prod(shape):
         raise InferenceError(
@@ -112,7 +115,15 @@ def _json_strings(values, shape: tuple[int, ...], where: str) -> np.ndarray:
         )
     if not all(isinstance(v, str) for v in flat):
         raise InferenceError(f"{where}: 'data' must hold strings for datatype BYTES")
-    return bytes_array([v.encode() for v in flat], shape)
+    return bytes_array(_utf8(flat, f"{where}: 'data'"), shape)
+
+
+def _utf8(strings: list[str], what: str) -> list[bytes]:
+    """The strings as UTF-8; JSON's escapes can spell a lone surrogate, which has none."""
+    try:
+        return [v.encode() for v in strings]
+    except UnicodeEncodeError as e:
+        raise InferenceError(f"{what} holds a string that is not Unicode text ({e.reason})") from e
 
 
 def _single_string(values, depth: int) -> str | None:
@@ -245,8 +256,11 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         if _parameters(output, f"output '{name}'").get("binary_data", False):
             binary_outputs.add(name)
     request_id = header.get("id")
+    if request_id is not None:
+        request_id = str(request_id)
+        _utf8([request_id], "request 'id'")  # the answer repeats it: it must be text
     return InferRequest(
-        id=None if request_id is None else str(request_id),
+        id=request_id,
         parameters=parameters,
         inputs=inputs,
         outputs=outputs,

@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -230,3 +231,21 @@ def test_json_bytes_tensors_refuse_what_their_shape_does_not_hold(shape, data, m
     body = {"inputs": [{"name": "C1", "datatype": "BYTES", "shape": shape, "data": data}]}
     with pytest.raises(InferenceError, match=message):
         decode_request(orjson.dumps(body))
+
+
+def test_a_lone_surrogate_is_refused_where_the_answer_or_a_transform_needs_text():
+    """JSON's escapes spell "\\ud800", which is no Unicode text: a 400, not a failed answer."""
+    inputs = [{"name": "C1", "datatype": "BYTES", "shape": [1, 1], "data": [["\ud800"]]}]
+    body = json.dumps({"inputs": inputs}).encode()
+    with pytest.raises(InferenceError, match="input 'C1': 'data' holds a string that is not"):
+        decode_request(body)
+    inputs[0]["data"] = [["a"]]
+    body = json.dumps({"id": "x\udfff", "inputs": inputs}).encode()
+    with pytest.raises(InferenceError, match="request 'id' holds a string that is not Unicode"):
+        decode_request(body)
+
+
+def test_a_refusal_that_quotes_a_lone_surrogate_stays_text():
+    error = InferenceError("input 'C\ud800': binary_data_size 9 exceeds the body")
+    assert error.message == "input 'C\\ud800': binary_data_size 9 exceeds the body"
+    assert orjson.dumps({"error": error.message})  # what the HTTP answer writes
