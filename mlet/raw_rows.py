@@ -48,10 +48,11 @@ def as_bytes(values: np.ndarray) -> list[bytes]:
 def raw_batch(fmt: SourceFormat, columns: dict[str, np.ndarray]) -> pa.RecordBatch:
     """The record batch a file reader gives for these rows: numbers as float64 with null
     where missing (NaN), categorical values as binary, the hour as int64."""
-    missing = [c.name for c in raw_columns(fmt) if c.name not in columns]
+    names = [c.name for c in raw_columns(fmt)]
+    missing = [name for name in names if name not in columns]
     if missing:
         raise DataFormatError(f"missing input column(s) {missing}")
-    lengths = {np.size(columns[c.name]) for c in raw_columns(fmt)}
+    lengths = {np.size(columns[name]) for name in names}
     if len(lengths) > 1:
         raise DataFormatError(f"input columns differ in rows: {sorted(lengths)}")
     arrays = {}

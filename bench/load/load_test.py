@@ -216,14 +216,7 @@ def send_warm_up(target: str, model: str, factory, config: LoadConfig) -> None:
     for _ in range(WARM_UP_REQUESTS):
         tensors = factory.tensors(config.rows)
         body = http_body(tensors, config.binary, binary_output=config.binary)
-        post_infer(target, model, *body, what="warm-up")
-
-
-def post_infer(
-    url: str, model: str, body: bytes, headers: dict, timeout=WARM_UP_TIMEOUT_S, what="infer"
-) -> bytes:
-    """One infer request; an error reply raises with the server's words."""
-    return http_infer(url, model, body, headers, timeout, what)
+        http_infer(target, model, *body, WARM_UP_TIMEOUT_S, "warm-up")
 
 
 @contextlib.contextmanager

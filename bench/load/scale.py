@@ -35,10 +35,11 @@ from bench.inprocess.export_bench import KAGGLE_TABLE_SIZES, measure_child
 from bench.inprocess.train_bench import mlet_command, synth
 from bench.load.engines import run_wrk, wrk_missing_reason
 from bench.load.ids import ID_KINDS, fit_zipf_on_dataset, id_samplers
-from bench.load.load_test import children_cpu_seconds, post_infer
+from bench.load.load_test import WARM_UP_TIMEOUT_S, children_cpu_seconds
 from bench.load.request_bodies import RequestFactory, encode_inputs
 from bench.load.servers import ENGINES, Engine, ProcessTree, running_engine
 from mlet.files import read_json, write_json
+from mlet.infer_request import http_infer
 from mlet.repository import open_model
 
 # run name -> (embedding, D, K): what `mlet train` trains
@@ -349,7 +350,9 @@ def touch_every_row(url: str, model: str, spec, rows_per_request: int) -> float:
             sparse = np.repeat(sparse[:, :, None], sparse_spec.shape[2], axis=2)
         dense = np.zeros((len(ids), spec.num_dense), dtype=np.float32)
         inputs = spec.model_inputs(dense, sparse.astype(sparse_spec.dtype))
-        post_infer(url, model, *encode_inputs(spec, inputs, binary=True), what="warm-up")
+        http_infer(
+            url, model, *encode_inputs(spec, inputs, binary=True), WARM_UP_TIMEOUT_S, "warm-up"
+        )
     return time.perf_counter() - started
 
 
@@ -384,7 +387,9 @@ def serve_and_load(engine: str, repo: Path, model: str, config: ScaleConfig, loa
     rows, details = [], {"engine": engine, "variant": model, "read_s": read_s, "loads": []}
     with running_engine(server, repo, [model], timeout=1800.0) as (url, tree):
         ready_s = time.perf_counter() - started
-        post_infer(url, model, *RequestFactory(spec, seed=1).body(1, True), what="first")
+        http_infer(
+            url, model, *RequestFactory(spec, seed=1).body(1, True), WARM_UP_TIMEOUT_S, "first"
+        )
         details["first_answer_s"] = time.perf_counter() - started
         details["warmup_s"] = touch_every_row(url, model, spec, config.warmup_rows)
         rss = tree.memory_info().rss
@@ -398,7 +403,7 @@ def serve_and_load(engine: str, repo: Path, model: str, config: ScaleConfig, loa
             for count in config.rows_per_request:
                 bodies = loads.bodies(spec, ids, count)
                 for body, headers in bodies[:4]:
-                    post_infer(url, model, body, headers, what="warm-up")
+                    http_infer(url, model, body, headers, WARM_UP_TIMEOUT_S, "warm-up")
                 server_cpu, client_cpu = sum(tree.cpu_times()), children_cpu_seconds()
                 path = f"/v2/models/{model}/infer"
                 with PeakRss(tree) as peak:
