@@ -210,6 +210,7 @@ def backend_directory(install: TritonInstall, folder: Path) -> Path:
 
 def triton_env(install: TritonInstall, session: SessionOptions) -> dict[str, str]:
     env = dict(os.environ)
+    env["PATH"] = without_virtual_envs(env.get("PATH", ""))
     if install.libraries is not None:
         env["LD_LIBRARY_PATH"] = ":".join(
             p for p in (str(install.libraries), env.get("LD_LIBRARY_PATH")) if p
@@ -221,6 +222,16 @@ def triton_env(install: TritonInstall, session: SessionOptions) -> dict[str, str
     env[PYTHONPATH_ENV] = ":".join([*paths, str(PROJECT_ROOT)])
     env[SESSION_OPTIONS_ENV] = json.dumps(asdict(session))
     return env
+
+
+def without_virtual_envs(path: str) -> str:
+    """PATH less the bin folders of virtual environments: the Python backend's stub finds
+    its home from the python3 on PATH, and an activated venv's (another Python's
+    standard library) makes its imports fail, ssl's first."""
+    return os.pathsep.join(
+        entry for entry in path.split(os.pathsep)
+        if entry and not (Path(entry).parent / "pyvenv.cfg").is_file()
+    )  # fmt: skip
 
 
 def triton_command(

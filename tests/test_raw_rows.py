@@ -31,7 +31,14 @@ from export.exporter import ExportConfig, export_variants
 from export.triton_config import check_triton_config
 from mlet.encoding import OOV_ID
 from mlet.formats import DataFormatError, read_batches
-from mlet.raw_rows import batch_columns, raw_columns, raw_to_inputs
+from mlet.raw_rows import (
+    FEW_ROWS,
+    batch_columns,
+    batch_to_inputs,
+    few_rows_to_inputs,
+    raw_columns,
+    raw_to_inputs,
+)
 from mlet.repository import CONFIG_FILE
 from mlet.transform import SMALL, load_transform
 from predict.predict import PredictConfig, predict_files
@@ -484,6 +491,75 @@ def test_a_few_rows_get_the_ids_the_whole_file_gets(datasets, name):
         part = transform.features(batch.slice(start, 7), "part", start)
         np.testing.assert_array_equal(transform.encode(part.keys), ids[start : start + 7])
         np.testing.assert_array_equal(part.dense, whole.dense[start : start + 7])
+
+
+@pytest.mark.parametrize("name", ["criteo", "criteo-hash", "avazu"])
+def test_a_few_rows_value_by_value_get_what_the_batch_path_gets(datasets, name):
+    """A request of at most FEW_ROWS rows is transformed one value at a time: the same
+    dense values and ids as through the record batch, from bytes or from JSON's str."""
+    raw, data = datasets[name]
+    transform = load_transform(data)
+    fmt = transform.fmt.without_label()
+    batch = next(read_batches(raw, transform.fmt))
+    for rows in range(1, FEW_ROWS + 1):
+        columns = batch_columns(fmt, batch.slice(3 * rows, rows))
+        as_text = {k: np.vectorize(bytes.decode, otypes=[object])(v) if v.dtype == object else v
+                   for k, v in columns.items()}  # fmt: skip
+        for request in (columns, as_text):
+            few = few_rows_to_inputs(transform, request)
+            assert few is not None
+            for got, expected in zip(few, batch_to_inputs(transform, request), strict=True):
+                np.testing.assert_array_equal(got, expected)
+                assert got.dtype == expected.dtype
+    assert few_rows_to_inputs(transform, batch_columns(fmt, batch.slice(0, FEW_ROWS + 1))) is None
+
+
+def test_multi_hot_rows_take_the_batch_path(datasets):
+    raw, data = datasets["generic"]
+    transform = load_transform(data)
+    batch = next(read_batches(raw, transform.fmt)).slice(0, 1)
+    columns = batch_columns(transform.fmt.without_label(), batch)
+    assert few_rows_to_inputs(transform, columns) is None
+
+
+ODD_VALUES = {
+    "hex": [b"0x1f", b" 1f", b"+1f", b"1_f", b"1" * 17, b"f" * 16, b"0" * 16 + b"1", b"zz",
+            b"\xff", b"ABCDEF12", b"abc", b"0", b"00000000", b"\x00" * 8, b"+1234567"],
+    "string": [b"\xff\xfe", "\u00e9".encode(), b" ", b"x" * 40, b"\x00", b"\xed\xa0\x80"],
+    "hour": [b" 14102100", b"+14102100", b"14102199", b"14023000", b"1", b"x", b"9" * 20, b""],
+    "dense": [np.inf, -np.inf, np.nan, 3.4e38, -0.0, 1e-45, 1e39, "text"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["criteo", "criteo-hash", "avazu"])
+def test_an_odd_value_gets_from_a_few_rows_what_the_batch_path_gives(datasets, name):
+    """Odd values (lenient hex, undecodable bytes, odd hours, non-finite numbers): what is
+    not plain takes the batch path, so a few rows read or refuse it as a file batch does."""
+    raw, data = datasets[name]
+    transform = load_transform(data)
+    fmt = transform.fmt.without_label()
+    columns = batch_columns(fmt, next(read_batches(raw, transform.fmt)).slice(0, 2))
+    targets = [(fmt.categorical[0], "hex" if fmt.keys == "hex" else "string")]
+    targets += [(fmt.dense[0], "dense")] if fmt.dense else []
+    targets += [(fmt.hour, "hour")] if fmt.hour else []
+    for column, kind in targets:
+        for value in ODD_VALUES[kind]:
+            request = dict(columns)
+            dtype = object if kind != "dense" or isinstance(value, str) else np.float64
+            request[column] = columns[column].astype(dtype)
+            request[column][1, 0] = value
+            assert outcome(raw_to_inputs, transform, request) == outcome(
+                batch_to_inputs, transform, request
+            ), (column, value)
+
+
+def outcome(function, transform, columns):
+    """What a transform gives, comparable: its arrays as lists, or its refusal."""
+    try:
+        dense, sparse = function(transform, columns)
+    except ValueError as e:  # DataFormatError, or numpy's for text among numbers
+        return type(e).__name__, str(e)
+    return dense.tolist(), sparse.tolist()
 
 
 def test_a_transform_step_runs_off_the_event_loop_when_grpc_is_served(exported):

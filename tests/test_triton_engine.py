@@ -22,7 +22,12 @@ from export.triton_config import TABLE_ROWS_PARAMETER, check_triton_config
 from mlet.repository import open_model
 from mlet.spec import ExportSpec
 from serve.process import free_port, running_server, wait_until_ready
-from serve.triton_engine import TritonConfig, running_triton, unavailable_reason
+from serve.triton_engine import (
+    TritonConfig,
+    running_triton,
+    unavailable_reason,
+    without_virtual_envs,
+)
 from tests.helpers import grpc_inputs, tritonclient_inputs
 
 REASON = unavailable_reason()
@@ -247,3 +252,14 @@ def test_mlet_serve_engine_triton_stops_cleanly_on_sigterm(variants_repo, tmp_pa
     output = (tmp_path / "serve.log").read_text()
     assert "Triton serving tiny" in output and "tritonserver exited with code 0" in output
     assert f"Triton serving gRPC on 127.0.0.1:{grpc_port}" in output
+
+
+def test_triton_runs_without_an_activated_virtual_environment_on_its_path(tmp_path):
+    """The Python backend's stub takes the first python3 on PATH as its home: an activated
+    venv of another Python gave it a foreign standard library (ssl failed to import)."""
+    venv, plain = tmp_path / "venv", tmp_path / "tools"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /elsewhere\n")
+    plain.mkdir()
+    path = f"{venv / 'bin'}:{plain}::/usr/bin"
+    assert without_virtual_envs(path) == f"{plain}:/usr/bin"
