@@ -43,11 +43,12 @@ def test_pairwise_dots_gradient_equals_autograd_of_the_plain_ops():
     grad = torch.randn(7, len(index), dtype=torch.float64)
     plain = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1).index_select(1, index)
     (expected,) = torch.autograd.grad(plain, vectors, grad)
-    fused = PairwiseDots.apply(vectors, index)
+    mirror = model.interaction_mirror
+    fused = PairwiseDots.apply(vectors, index, mirror)
     (got,) = torch.autograd.grad(fused, vectors, grad)
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(got, expected)
-    assert torch.autograd.gradcheck(lambda v: PairwiseDots.apply(v, index), vectors[:2])
+    assert torch.autograd.gradcheck(lambda v: PairwiseDots.apply(v, index, mirror), vectors[:2])
 
 
 def test_config_round_trip_and_validation():

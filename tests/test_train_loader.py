@@ -31,6 +31,21 @@ def test_an_epoch_reads_every_training_row_once_in_a_new_order(dataset):
     assert batches.steps_per_epoch == 12  # 11 full batches and 184 rows
 
 
+@pytest.mark.parametrize(("chunk", "batch", "skip"), [(700, 256, 0), (100, 256, 3), (256, 256, 1),
+                                                   (3000, 128, 7), (333, 100, 0)])  # fmt: skip
+def test_an_epoch_is_its_shuffled_chunks_cut_into_batches(dataset, chunk, batch, skip):
+    """The rows come in the epoch's chunk order, each chunk in its own row order, cut into
+    batches across chunk ends; the last partial batch keeps what the ranks can share."""
+    batches = TrainBatches(dataset, range(0, 3000), batch, seed=2, chunk_rows=chunk)
+    sequence = np.concatenate([start + order for start, _, order in batches._chunks(5)])
+    full = len(sequence) // batch * batch
+    expected = sequence[: full + batches.last_batch_rows][skip * batch :]
+    got = list(batches.epoch(5, "cpu", skip_steps=skip))
+    assert len(got) == batches.steps_per_epoch - skip
+    assert all(len(b) == batch for b in got[: full // batch - skip])
+    np.testing.assert_array_equal(row_ids(dataset, got), expected)
+
+
 def test_skipping_steps_continues_the_same_sequence(dataset):
     batches = TrainBatches(dataset, range(0, 3000), 256, seed=1, chunk_rows=700)
     whole = labels_of(batches.epoch(3, "cpu"))

@@ -103,15 +103,21 @@ def table_optimizer_options(name: str, lr: float) -> dict:
     return {"lr": lr, "eps": ADAGRAD_EPS} if "adagrad" in name else {"lr": lr}
 
 
-def dense_optimizer(name: str, lr: float):
-    """A factory for the dense parameters' torch optimizer, of the tables' family."""
+def dense_optimizer(name: str, lr: float, device: torch.device):
+    """A factory for the dense parameters' torch optimizer, of the tables' family.
+
+    torch's fused kernel where it has one for the device (Adagrad's is CPU only): a step
+    of a few small tensors costs launch overhead more than arithmetic, and the fused
+    step took half the time of the per-tensor loop for DLRM's MLPs on this CPU.
+    """
     kind = {
         "rwsadagrad": torch.optim.Adagrad,
         "adagrad": torch.optim.Adagrad,
         "sgd": torch.optim.SGD,
         "adam": torch.optim.Adam,
     }[name]
-    return lambda params: kind(params, lr=lr)
+    fused = device.type == "cpu" or kind is not torch.optim.Adagrad
+    return lambda params: kind(params, lr=lr, fused=fused)
 
 
 def topology(processes: Processes):
@@ -241,7 +247,7 @@ def shard_model(model: nn.Module, tables, config, processes: Processes, fixed_pl
         )
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(sharded.named_parameters())),
-        dense_optimizer(config.optimizer, config.lr),
+        dense_optimizer(config.optimizer, config.lr, processes.device),
     )
     optimizer = CombinedOptimizer([sharded.fused_optimizer, dense])
     return sharded, optimizer, plan

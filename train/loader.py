@@ -165,28 +165,42 @@ class TrainBatches:
 
     def _epoch(self, epoch: int, device, skip_steps: int) -> Iterator[Batch]:
         skip = skip_steps * self.batch_size  # positions of the epoch's sequence to pass over
-        buffer: tuple[np.ndarray, ...] | None = None  # shuffled rows not yet batched
+        carried: tuple[np.ndarray, ...] | None = None  # rows short of a batch, in order
         emitted = skip_steps
         for start, stop, order in self._chunks(epoch):
             if skip >= stop - start:
                 skip -= stop - start
                 continue
             chunk = read_rows(self.dataset, start, stop)
-            shuffled = tuple(a[order[skip:]] for a in chunk)
-            skip = 0
-            buffer = shuffled if buffer is None else _joined(buffer, shuffled)
-            cursor = 0
-            while len(buffer[0]) - cursor >= self.batch_size:
-                yield self._local(_rows(buffer, cursor, self.batch_size), device)
+            # each batch gathers its own shuffled rows from the chunk: a shuffled copy of
+            # the whole chunk would hold the interpreter for tens of milliseconds at once,
+            # and the training step waits for it
+            order, skip, cursor = order[skip:], 0, 0
+            if carried is not None:
+                cursor = min(self.batch_size - len(carried[0]), len(order))
+                carried = _joined(carried, _gathered(chunk, order[:cursor]))
+                if len(carried[0]) < self.batch_size:
+                    continue
+                yield self._local(carried, device)
+                carried, emitted = None, emitted + 1
+            while len(order) - cursor >= self.batch_size:
+                yield self._local(
+                    _gathered(chunk, order[cursor : cursor + self.batch_size]), device
+                )
                 cursor += self.batch_size
                 emitted += 1
-            buffer = _rows(buffer, cursor, len(buffer[0]) - cursor)
-        if buffer is not None and emitted < self.steps_per_epoch:
-            yield self._local(_rows(buffer, 0, self.last_batch_rows), device)
+            if cursor < len(order):
+                carried = _gathered(chunk, order[cursor:])
+        if carried is not None and emitted < self.steps_per_epoch:
+            yield self._local(_rows(carried, 0, self.last_batch_rows), device)
 
     def _local(self, rows: tuple[np.ndarray, ...], device) -> Batch:
         mine = rank_slice(len(rows[0]), self.rank, self.world)
         return to_batch(*(a[mine] for a in rows), device)
+
+
+def _gathered(arrays: tuple[np.ndarray, ...], rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    return tuple(a[rows] for a in arrays)
 
 
 def _rows(arrays: tuple[np.ndarray, ...], start: int, count: int) -> tuple[np.ndarray, ...]:
