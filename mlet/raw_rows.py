@@ -51,13 +51,19 @@ class RawColumn:
     datatype: str  # KServe v2: BYTES or FP32
 
 
+def raw_column_names(fmt: SourceFormat) -> tuple[str, ...]:
+    """The input names of a raw-row model, in order: numeric columns, then categorical
+    ones, then the hour."""
+    return fmt.dense + fmt.categorical + ((fmt.hour,) if fmt.hour else ())
+
+
 def raw_columns(fmt: SourceFormat) -> list[RawColumn]:
     """The inputs of a raw-row model, in the order of the source's columns."""
-    columns = [RawColumn(name, "FP32") for name in fmt.dense]
-    columns += [RawColumn(name, "BYTES") for name in fmt.categorical]
-    if fmt.hour:
-        columns.append(RawColumn(fmt.hour, "BYTES"))
-    return columns
+    numeric = len(fmt.dense)
+    return [
+        RawColumn(name, "FP32" if i < numeric else "BYTES")
+        for i, name in enumerate(raw_column_names(fmt))
+    ]
 
 
 def as_bytes(values: np.ndarray) -> list[bytes]:
@@ -68,7 +74,7 @@ def as_bytes(values: np.ndarray) -> list[bytes]:
 def raw_batch(fmt: SourceFormat, columns: dict[str, np.ndarray]) -> pa.RecordBatch:
     """The record batch a file reader gives for these rows: numbers as float64 with null
     where missing (NaN), categorical values as binary, the hour as int64."""
-    names = [c.name for c in raw_columns(fmt)]
+    names = raw_column_names(fmt)
     missing = [name for name in names if name not in columns]
     if missing:
         raise DataFormatError(f"missing input column(s) {missing}")
@@ -151,7 +157,7 @@ def few_rows_to_inputs(
     when the request needs the batch path: more rows, multi-hot columns, or any value
     that is not plain (the batch path then reads it leniently or names what is wrong)."""
     fmt = transform.fmt
-    names = fmt.dense + fmt.categorical + ((fmt.hour,) if fmt.hour else ())
+    names = raw_column_names(fmt)
     if transform.hotness != 1 or fmt.multi_hot or any(n not in columns for n in names):
         return None
     arrays = [np.asarray(columns[n]) for n in names]

@@ -23,7 +23,7 @@ sys.path[:0] = [p for p in os.environ.get("MLET_TRITON_PYTHONPATH", "").split(":
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from mlet.raw_rows import raw_columns, raw_to_inputs  # noqa: E402
+from mlet.raw_rows import raw_column_names, raw_to_inputs  # noqa: E402
 from mlet.transform import load_transform  # noqa: E402
 
 
@@ -31,7 +31,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         self.transform = load_transform(Path(args["model_repository"]) / args["model_version"])
-        self.columns = [c.name for c in raw_columns(self.transform.fmt)]
+        self.columns = list(raw_column_names(self.transform.fmt))
         outputs = {t["name"]: t for t in config["output"]}
         self.with_dense = "dense" in outputs
         self.sparse_dtype = pb_utils.triton_string_to_numpy(outputs["sparse"]["data_type"])
