@@ -218,30 +218,10 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
 
     inputs, offset = [], 0
     for i, tensor in enumerate(_field(header, "inputs", list, "request")):
-        if not isinstance(tensor, dict):
-            raise InferenceError(f"inputs[{i}] must be an object")
-        name = _field(tensor, "name", str, f"inputs[{i}]")
-        where = f"input '{name}'"
-        datatype = _field(tensor, "datatype", str, where)
-        if datatype not in DATATYPES:
-            raise InferenceError(f"{where}: unsupported datatype {datatype!r}")
-        shape = _shape(tensor, where)
-        size = _parameters(tensor, where).get("binary_data_size")
-        if size is not None:
-            if (
-                not isinstance(size, int)
-                or isinstance(size, bool)
-                or size < 0
-                or offset + size > len(binary)
-            ):
-                raise InferenceError(f"{where}: binary_data_size {size!r} exceeds the body")
-            data = binary_array(binary[offset : offset + size], datatype, shape, where)
-            offset += size
-        elif "data" in tensor:
-            data = _json_array(tensor["data"], datatype, shape, where)
-        else:
-            raise InferenceError(f"{where}: neither 'data' nor a binary_data_size parameter")
-        inputs.append(RequestTensor(name, datatype, shape, data))
+        one = one_value_tensor(tensor)
+        if one is None:
+            one, offset = read_tensor(tensor, i, binary, offset)
+        inputs.append(one)
     if offset != len(binary):
         raise InferenceError(f"{len(binary) - offset} bytes of binary data belong to no input")
 
@@ -266,6 +246,75 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         outputs=outputs,
         binary_outputs=binary_outputs,
     )
+
+
+def read_tensor(tensor, i: int, binary: memoryview, offset: int) -> tuple[RequestTensor, int]:
+    """Input `i` of a request, its data in JSON or at `offset` of the binary part; the
+    binary part's offset after it."""
+    if not isinstance(tensor, dict):
+        raise InferenceError(f"inputs[{i}] must be an object")
+    name = _field(tensor, "name", str, f"inputs[{i}]")
+    where = f"input '{name}'"
+    datatype = _field(tensor, "datatype", str, where)
+    if datatype not in DATATYPES:
+        raise InferenceError(f"{where}: unsupported datatype {datatype!r}")
+    shape = _shape(tensor, where)
+    size = _parameters(tensor, where).get("binary_data_size")
+    if size is not None:
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or size < 0
+            or offset + size > len(binary)
+        ):
+            raise InferenceError(f"{where}: binary_data_size {size!r} exceeds the body")
+        data = binary_array(binary[offset : offset + size], datatype, shape, where)
+        offset += size
+    elif "data" in tensor:
+        data = _json_array(tensor["data"], datatype, shape, where)
+    else:
+        raise InferenceError(f"{where}: neither 'data' nor a binary_data_size parameter")
+    return RequestTensor(name, datatype, shape, data), offset
+
+
+ONE_VALUE_KEYS = ("name", "datatype", "shape", "data")
+
+
+def one_value_tensor(tensor) -> RequestTensor | None:
+    """A JSON input of exactly one FP32 number or one BYTES string, shape [1, 1], read
+    without read_tensor's checks (a raw row sends one per logged column); None for any other
+    input, which read_tensor reads and, where it is wrong, refuses."""
+    if type(tensor) is not dict or len(tensor) != len(ONE_VALUE_KEYS):
+        return None
+    # With those four keys, and no other: a missing one reads None and fails its check.
+    shape, data = tensor.get("shape"), tensor.get("data")
+    # type() checks, as _shape's: True == 1 in Python, but true is no dimension
+    if type(shape) is not list or len(shape) != 2 or type(shape[0]) is not int:
+        return None
+    if type(shape[1]) is not int or shape[0] != 1 or shape[1] != 1:
+        return None
+    if type(data) is not list or len(data) != 1:
+        return None
+    value = data[0]
+    if type(value) is list:
+        if len(value) != 1:
+            return None
+        value = value[0]
+    name, datatype = tensor.get("name"), tensor.get("datatype")
+    if type(name) is not str:
+        return None
+    if datatype == "FP32" and type(value) is float:
+        array = np.array([[value]], np.float32)
+    elif datatype == "BYTES" and type(value) is str:
+        try:
+            element = value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: read_tensor names it
+            return None
+        array = np.empty((1, 1), dtype=object)
+        array[0, 0] = element
+    else:
+        return None
+    return RequestTensor(name, datatype, (1, 1), array)
 
 
 def encode_response(

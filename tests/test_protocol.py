@@ -7,7 +7,14 @@ import pytest
 
 from bench.load.request_bodies import encode_inputs
 from mlet.spec import ExportSpec, TensorSpec
-from serve.protocol import InferenceError, InferRequest, decode_request, encode_response
+from serve.protocol import (
+    InferenceError,
+    InferRequest,
+    decode_request,
+    encode_response,
+    one_value_tensor,
+    read_tensor,
+)
 from serve.validation import requested_outputs, validate_inputs
 
 SPEC = ExportSpec(
@@ -249,3 +256,53 @@ def test_a_refusal_that_quotes_a_lone_surrogate_stays_text():
     error = InferenceError("input 'C\ud800': binary_data_size 9 exceeds the body")
     assert error.message == "input 'C\\ud800': binary_data_size 9 exceeds the body"
     assert orjson.dumps({"error": error.message})  # what the HTTP answer writes
+
+
+ONE_VALUE_CASES = [
+    # (tensor, read by the one-value path?)
+    ({"name": "I1", "datatype": "FP32", "shape": [1, 1], "data": [86.0]}, True),
+    ({"name": "I1", "datatype": "FP32", "shape": [1, 1], "data": [[-0.5]]}, True),
+    ({"name": "I1", "datatype": "FP32", "shape": [1, 1], "data": [float("nan")]}, True),
+    ({"name": "I1", "datatype": "FP32", "shape": [1, 1], "data": [1e300]}, True),
+    ({"name": "C1", "datatype": "BYTES", "shape": [1, 1], "data": ["68fd1e64"]}, True),
+    ({"name": "C1", "datatype": "BYTES", "shape": [1, 1], "data": [[""]]}, True),
+    ({"name": "C1", "datatype": "BYTES", "shape": [1, 1], "data": ["é\u00ff"]}, True),
+    ({"name": "I1", "datatype": "FP32", "shape": [1, 1], "data": [3]}, False),  # an int
+    ({"name": "I1", "datatype": "FP32", "shape": [1, 1], "data": [True]}, False),
+    ({"name": "I1", "datatype": "FP32", "shape": [True, 1], "data": [1.0]}, False),
+    ({"name": "I1", "datatype": "FP32", "shape": [1], "data": [1.0]}, False),
+    ({"name": "I1", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}, False),
+    ({"name": "I1", "datatype": "FP64", "shape": [1, 1], "data": [1.0]}, False),
+    ({"name": "C1", "datatype": "BYTES", "shape": [1, 1], "data": [5]}, False),
+    ({"name": "C1", "datatype": "BYTES", "shape": [1, 1], "data": ["\ud800"]}, False),
+    ({"name": "C1", "datatype": "BYTES", "shape": [1, 1], "data": [["a", "b"]]}, False),
+    ({"name": 7, "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}, False),
+    (
+        {"name": "C1", "datatype": "BYTES", "shape": [1, 1], "data": ["a"], "parameters": {}},
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(("tensor", "fast"), ONE_VALUE_CASES)
+def test_one_value_inputs_decode_as_the_general_path_does(tensor, fast):
+    """A raw row's one-value columns skip the general checks: what that path reads must
+    equal what the general path reads, and anything else must be left to it."""
+    one = one_value_tensor(tensor)
+    assert (one is not None) == fast
+    try:
+        general, _ = read_tensor(tensor, 0, memoryview(b""), 0)
+    except InferenceError:
+        assert not fast  # the general path refuses it, so the fast path must not read it
+        return
+    if one is not None:
+        assert (one.name, one.datatype, one.shape) == (
+            general.name,
+            general.datatype,
+            general.shape,
+        )
+        assert one.data.dtype == general.data.dtype
+        np.testing.assert_array_equal(one.data, general.data)  # NaN equals NaN here
+    (decoded,) = decode_request(json.dumps({"inputs": [tensor]}).encode()).inputs
+    assert (decoded.shape, decoded.data.dtype) == (general.shape, general.data.dtype)
+    np.testing.assert_array_equal(decoded.data, general.data)
