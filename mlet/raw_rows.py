@@ -190,16 +190,15 @@ def few_dense(arrays: list[np.ndarray], rows: int) -> np.ndarray | None:
         return np.zeros((rows, 0), np.float32)
     if all(a.dtype == np.float32 for a in arrays):  # as the server decodes FP32 inputs
         values = np.stack(arrays, 1)
-        values[np.isnan(values)] = 0.0
-        return values if np.isfinite(values).all() else None
-    try:
-        values = np.stack([a.astype(np.float64) for a in arrays], 1)
-    except (TypeError, ValueError):
-        return None
+    else:
+        try:
+            values = np.stack([a.astype(np.float64) for a in arrays], 1)
+        except (TypeError, ValueError):
+            return None
     values[np.isnan(values)] = 0.0
     if not (np.abs(values) <= FLOAT32_MAX).all():
         return None
-    return values.astype(np.float32)
+    return values.astype(np.float32, copy=False)
 
 
 def few_keys(hex_keys: bool, values: np.ndarray) -> list[int | None] | None:
@@ -207,7 +206,7 @@ def few_keys(hex_keys: bool, values: np.ndarray) -> list[int | None] | None:
     value is not plain."""
     keys = []
     for value in values:
-        raw = value if type(value) is bytes else raw_value(value)
+        raw = raw_value(value)
         if not raw:
             keys.append(None)
         elif hex_keys:
