@@ -288,9 +288,7 @@ def one_value_tensor(tensor) -> RequestTensor | None:
     # With those four keys, and no other: a missing one reads None and fails its check.
     shape, data = tensor.get("shape"), tensor.get("data")
     # type() checks, as _shape's: True == 1 in Python, but true is no dimension
-    if type(shape) is not list or shape != [1, 1] or type(shape[0]) is not int:
-        return None
-    if type(shape[1]) is not int:
+    if type(shape) is not list or shape != [1, 1] or any(type(d) is not int for d in shape):
         return None
     value = _single_value(data, 2)
     name, datatype = tensor.get("name"), tensor.get("datatype")
